@@ -1,0 +1,7 @@
+"""Checkpoint -> flat traceable decoder (gpt-fast style). Knows checkpoints and torch, nothing else."""
+
+from xllm_compiler.models.build import build_model
+from xllm_compiler.models.config import ModelSpec
+from xllm_compiler.models.registry import ARCHITECTURES, load_spec
+
+__all__ = ["ARCHITECTURES", "ModelSpec", "build_model", "load_spec"]

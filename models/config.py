@@ -1,0 +1,175 @@
+"""ModelSpec: the few numbers our decoder needs, read from a Hugging Face config.json.
+
+Both key styles are read: transformers 4 (``rope_theta``, ``rope_scaling``, ``torch_dtype``) as found on
+most published checkpoints, and transformers 5 (``rope_parameters``, ``dtype``). Anything we would
+silently get wrong (another activation, partial rotary, an unknown rope type) is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xllm_compiler.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters; ``kind`` is one of ROPE_TYPES."""
+
+    theta: float
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the flat decoder needs to know about one checkpoint's architecture."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    sliding_windows: tuple[int, ...]  # per layer; 0 is full attention
+    dtype: torch.dtype | None  # the checkpoint's own dtype, when config.json says
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as a dict, with a clear error when it is missing or not JSON."""
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a Hugging Face checkpoint needs a config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config
+
+
+def require(config: dict[str, Any], key: str, kind: type = int) -> Any:
+    """config[key], checked for presence and type (an int where a number is needed is fine)."""
+    if key not in config or config[key] is None:
+        raise ConfigError(f"config.json lacks '{key}'")
+    value = config[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and value <= 0):
+        raise ConfigError(f"config.json '{key}' must be a positive {kind.__name__}, got {value!r}")
+    return value
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a checkpoint declares: ``dtype`` (transformers 5) or ``torch_dtype`` (transformers 4)."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"config.json dtype '{name}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def rope_spec(config: dict[str, Any]) -> RopeSpec:
+    """Rope parameters from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope type '{kind}' is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError("partial_rotary_factor other than 1.0 is not supported")
+    if kind == "default":
+        return RopeSpec(theta=float(theta))
+    if "factor" not in params:
+        raise ConfigError(f"rope type '{kind}' needs a 'factor'")
+    if kind == "linear":
+        return RopeSpec(theta=float(theta), kind=kind, factor=float(params["factor"]))
+    return RopeSpec(
+        theta=float(theta),
+        kind=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", config.get("max_position_embeddings", 8192))
+        ),
+    )
+
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    """An id or list of ids (eos_token_id may be either) as a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def sliding_windows(config: dict[str, Any], num_layers: int, default_sliding: bool) -> tuple[int, ...]:
+    """Per-layer window sizes: 0 for full attention, the window for 'sliding_attention' layers.
+
+    Mistral slides in every layer when ``sliding_window`` is set; Qwen only with ``use_sliding_window``,
+    from layer ``max_window_layers`` on, or as ``layer_types`` lists.
+    """
+    window = config.get("sliding_window")
+    if not window:
+        return (0,) * num_layers
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        if default_sliding:
+            layer_types = ["sliding_attention"] * num_layers
+        elif config.get("use_sliding_window"):
+            first = config.get("max_window_layers", num_layers)
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        else:
+            layer_types = ["full_attention"] * num_layers
+    if len(layer_types) != num_layers:
+        raise ConfigError(f"config.json layer_types has {len(layer_types)} entries for {num_layers} layers")
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"config.json layer_types {sorted(unknown)} are not supported")
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def generation_eos(model_dir: Path) -> tuple[int, ...] | None:
+    """eos ids from generation_config.json, which generate() honours over config.json."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"{path} is not a valid JSON object") from None
+    return token_ids(value) or None

@@ -1,0 +1,147 @@
+"""The flat decoder shared by Llama, Mistral, Qwen2 and Qwen3: one readable forward over flattened tokens.
+
+Module names follow Hugging Face's checkpoints (``model.layers.0.self_attn.q_proj``...) so that weights
+load by name. Attention is the opaque ``xllm::paged_attention`` op; everything else is plain torch and
+the reference ops of ``xllm_compiler.ops.reference``, which the fusion passes later recognise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from xllm_compiler.models.config import ModelSpec
+from xllm_compiler.models.rope import cos_sin_tables
+
+import xllm_compiler.ops  # noqa: F401  (registers torch.ops.xllm)
+from xllm_compiler.ops.reference import apply_rotary, rms_norm, silu_and_mul
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.scale = spec.head_dim**-0.5
+        self.sliding_window = spec.sliding_windows[layer]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, D]
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        step: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = torch.ops.xllm.paged_attention(
+            q,
+            k,
+            v,
+            kv_cache,
+            step["slot_mapping"],
+            step["query_lens"],
+            step["seq_lens"],
+            step["block_tables"],
+            self.scale,
+            self.sliding_window,
+        )  # [T, H, D]
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, h, cos, sin, kv_cache, step):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class DecoderForCausalLM(nn.Module):
+    """input_ids [T] + step metadata + one KV cache per layer -> logits [S, vocab] (float32).
+
+    ``logits_indices`` [S] picks each sequence's last token after the final norm, so the LM head runs
+    on S rows, not T.
+    """
+
+    def __init__(self, spec: ModelSpec, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = cos_sin_tables(spec.rope, spec.head_dim, max_positions, dtype)
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        slot_mapping: torch.Tensor,  # [T] int64
+        query_lens: torch.Tensor,  # [S] int32
+        seq_lens: torch.Tensor,  # [S] int32
+        block_tables: torch.Tensor,  # [S, max_blocks_per_seq] int32
+        logits_indices: torch.Tensor,  # [S] int64
+        kv_caches: list[torch.Tensor],  # L x [2, num_blocks, block_size, Hkv, D]
+    ) -> torch.Tensor:
+        step = {
+            "slot_mapping": slot_mapping,
+            "query_lens": query_lens,
+            "seq_lens": seq_lens,
+            "block_tables": block_tables,
+        }
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        h = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, kv_cache, step)
+        h = self.model.norm(h).index_select(0, logits_indices)  # [S, hidden]
+        return self.lm_head(h).float()  # [S, vocab]

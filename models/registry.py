@@ -1,0 +1,110 @@
+"""Supported architectures, keyed by the ``architectures`` name in config.json.
+
+All four are one decoder family (RMSNorm, rotary, GQA attention, SwiGLU MLP); an entry says how the
+family member differs: which projections carry a bias, whether q/k are normalised, whether it slides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xllm_compiler.models.config import (
+    ModelSpec,
+    checkpoint_dtype,
+    generation_eos,
+    read_config,
+    require,
+    rope_spec,
+    sliding_windows,
+    token_ids,
+)
+
+from xllm_compiler.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture departs from Llama."""
+
+    qkv_bias: Callable[[dict[str, Any]], bool]
+    o_bias: Callable[[dict[str, Any]], bool]
+    qk_norm: bool = False
+    slides_everywhere: bool = False
+
+
+def _attention_bias(config: dict[str, Any]) -> bool:
+    return bool(config.get("attention_bias", False))
+
+
+def _never(config: dict[str, Any]) -> bool:
+    return False
+
+
+def _always(config: dict[str, Any]) -> bool:
+    return True
+
+
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(qkv_bias=_attention_bias, o_bias=_attention_bias),
+    "MistralForCausalLM": Family(qkv_bias=_never, o_bias=_never, slides_everywhere=True),
+    "Qwen2ForCausalLM": Family(qkv_bias=_always, o_bias=_never),
+    "Qwen3ForCausalLM": Family(qkv_bias=_attention_bias, o_bias=_attention_bias, qk_norm=True),
+}
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    """The one supported architecture config.json names, or an error listing the supported ones."""
+    names = config.get("architectures") or []
+    supported = ", ".join(ARCHITECTURES)
+    if not names:
+        raise ConfigError(f"config.json names no 'architectures' (supported: {supported})")
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise ConfigError(f"architecture {', '.join(map(str, names))} is not supported (supported: {supported})")
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    """Read model_dir/config.json into a ModelSpec, refusing what we cannot run faithfully."""
+    config = read_config(model_dir)
+    architecture = architecture_of(config)
+    family = ARCHITECTURES[architecture]
+    act = config.get("hidden_act", config.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ConfigError(f"hidden_act '{act}' is not supported (only 'silu')")
+    if config.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported")
+    hidden = require(config, "hidden_size")
+    heads = require(config, "num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = config.get("head_dim") or hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"head_dim {head_dim} must be even for rotary embeddings")
+    num_layers = require(config, "num_hidden_layers")
+    eos = generation_eos(model_dir) or token_ids(config.get("eos_token_id"))
+    return ModelSpec(
+        architecture=architecture,
+        vocab_size=require(config, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=require(config, "intermediate_size"),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope=rope_spec(config),
+        max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=family.qkv_bias(config),
+        o_bias=family.o_bias(config),
+        qk_norm=family.qk_norm,
+        sliding_windows=sliding_windows(config, num_layers, family.slides_everywhere),
+        dtype=checkpoint_dtype(config),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=eos,
+    )

@@ -1,0 +1,93 @@
+"""Checkpoint weights from safetensors: single file or sharded, memory-mapped, cast on load.
+
+Every failure names the file and tensor at fault, and for a wrong shape both the expected and the
+found shape: a checkpoint that does not fit its config.json must never load half-way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from xllm_compiler.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _shard_of_each_tensor(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+        shards = {name: model_dir / file for name, file in weight_map.items()}
+        for shard in sorted(set(shards.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{shard} is listed in {INDEX_FILE} but does not exist")
+        return shards
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {model_dir}")
+    shards = {}
+    with ExitStack() as stack:
+        for file in files:
+            for name in _open(file, stack).keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                shards[name] = file
+    return shards
+
+
+def _open(path: Path, stack: ExitStack):
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+class Checkpoint:
+    """Read access to a checkpoint's tensors by name, each file opened (mmap) once."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._shards = _shard_of_each_tensor(self.model_dir)
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def names(self) -> Iterator[str]:
+        return iter(self._shards)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._shards.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shards
+
+    def load(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` checked against ``shape`` and cast to ``dtype``."""
+        if name not in self._shards:
+            files = ", ".join(p.name for p in self.files())
+            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint (searched {files})")
+        path = self._shards[name]
+        handle = self._handles.get(path) or self._handles.setdefault(path, _open(path, self._stack))
+        try:
+            found = tuple(handle.get_slice(name).get_shape())
+            if found != tuple(shape):
+                raise CheckpointError(f"{path.name}: tensor '{name}' has shape {list(found)}, expected {list(shape)}")
+            tensor = handle.get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path.name}: tensor '{name}' cannot be read ({exc})") from None
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, expected floats")
+        return tensor.to(dtype)

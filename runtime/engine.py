@@ -1,0 +1,34 @@
+"""The engine: runs one step (prefill or decode) of several sequences on the right graph and KV cache."""
+
+from __future__ import annotations
+
+import torch
+from xllm_compiler.runtime.graph_cache import GraphCache
+from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
+from xllm_compiler.runtime.step import Sequence, build_step_inputs
+
+from xllm_compiler.interface import STEP_INPUTS
+
+
+class Engine:
+    def __init__(self, graphs: GraphCache, kv_cache: KVCache, pool: BlockPool, max_seq_len: int, device: torch.device):
+        self.graphs = graphs
+        self.kv_cache = kv_cache
+        self.pool = pool
+        self.block_size = kv_cache.block_size
+        self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
+        self.device = device
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def step(self, phase: str, work: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Run ``n`` new tokens of each (sequence, n); float32 logits [len(work), vocab] on the CPU."""
+        choice = self.graphs.choose(phase, sum(n for _, n in work), len(work))
+        inputs = build_step_inputs(
+            work, choice.num_tokens, choice.num_seqs, self.block_size, self.max_blocks_per_seq, self.device
+        )
+        outputs = self.graphs.module(choice.graph)(*(inputs[s.name] for s in STEP_INPUTS), *self.kv_cache.layers)
+        for seq, count in work:
+            seq.num_computed += count
+        return outputs[0][: len(work)].float().cpu()

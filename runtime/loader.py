@@ -1,0 +1,108 @@
+"""load(): verify an artifact, then build the runtime over it. Never imports models/ or passes/.
+
+Everything read is data: manifest and graphs are JSON (ops checked against the allowlist), weights
+are safetensors. Nothing is unpickled and no code from the artifact runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from xllm_compiler.runtime.engine import Engine
+from xllm_compiler.runtime.graph_cache import GraphCache
+from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
+from xllm_compiler.runtime.model import CompiledModel
+from xllm_compiler.runtime.platform import get_platform
+from xllm_compiler.runtime.scheduler import Scheduler
+
+import xllm_compiler.ops  # noqa: F401  (registers the xllm ops the graphs call)
+from xllm_compiler.artifact.graph_format import deserialize_graph
+from xllm_compiler.artifact.manifest import read_manifest
+from xllm_compiler.artifact.writer import WEIGHTS_FILE
+from xllm_compiler.buckets.policy import PREFILL, Bucket
+from xllm_compiler.errors import ArtifactError, OptionsError
+from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _field(manifest: dict[str, Any], *keys: str) -> Any:
+    value: Any = manifest
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise ArtifactError(f"manifest.json lacks '{'.'.join(keys)}'")
+        value = value[key]
+    return value
+
+
+def _read_graph(root: Path, rel: str, device: torch.device):
+    try:
+        data = json.loads((root / rel).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"artifact file {rel} is not valid JSON ({exc})") from None
+    graph = deserialize_graph(data, device, where=f"artifact file {rel}")
+    expected = [s.name for s in STEP_INPUTS]
+    inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
+    if inputs[: len(expected)] != expected:
+        raise ArtifactError(f"artifact file {rel}: graph inputs {inputs[: len(expected)]} are not {expected}")
+    return graph
+
+
+def default_kv_blocks(manifest: dict[str, Any]) -> int:
+    """Room for the largest decode bucket of full-length sequences (the reserved block included)."""
+    block_size = _field(manifest, "kv_cache", "block_size")
+    per_seq = -(-_field(manifest, "model", "max_seq_len") // block_size)
+    max_batch = max(_field(manifest, "options", "decode_buckets"))
+    return max_batch * per_seq + RESERVED_BLOCKS
+
+
+def load(path: str | Path, device: str | None = None, kv_blocks: int | None = None) -> CompiledModel:
+    """Load a compiled artifact. ``device`` defaults to the one it was compiled for; ``kv_blocks`` sizes
+    the KV pool (default: the largest decode bucket of full-length sequences)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    platform = get_platform(device or _field(manifest, "target_device"))
+    torch_device = platform.device()
+    platform.register_kernels()
+
+    try:
+        weights = load_file(str(root / WEIGHTS_FILE), device=str(torch_device))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"artifact file {WEIGHTS_FILE} cannot be read ({exc})") from None
+    graph_files = _field(manifest, "graphs")
+    graphs = {name: _read_graph(root, rel, torch_device) for name, rel in graph_files.items()}
+    try:
+        buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
+    except (TypeError, KeyError, ValueError):
+        raise ArtifactError("manifest.json has a malformed 'buckets' entry") from None
+    cache = GraphCache(graphs, buckets, weights)
+
+    model = _field(manifest, "model")
+    dtype_name = model.get("dtype")
+    if dtype_name not in DTYPES:
+        raise ArtifactError(f"manifest.json model dtype {dtype_name!r} is not supported")
+    num_blocks = default_kv_blocks(manifest) if kv_blocks is None else kv_blocks
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= RESERVED_BLOCKS:
+        raise OptionsError(f"kv_blocks must be an integer > {RESERVED_BLOCKS}, got {kv_blocks!r}")
+    kv_cache = KVCache(
+        num_layers=model["num_layers"],
+        num_blocks=num_blocks,
+        block_size=_field(manifest, "kv_cache", "block_size"),
+        num_kv_heads=model["num_kv_heads"],
+        head_dim=model["head_dim"],
+        dtype=DTYPES[dtype_name],
+        device=torch_device,
+    )
+    engine = Engine(cache, kv_cache, BlockPool(num_blocks), model["max_seq_len"], torch_device)
+    prefill = [b for b in buckets if b.phase == PREFILL]
+    scheduler = Scheduler(
+        engine,
+        max_prefill_tokens=max((b.num_tokens for b in prefill), default=model["max_seq_len"]),
+        max_prefill_seqs=max((b.num_seqs for b in prefill), default=1),
+    )
+    return CompiledModel(root, manifest, engine, scheduler)

@@ -1,0 +1,142 @@
+"""CompiledModel: what ``xllm_compiler.load`` returns: logits(), generate(), and the tokenizer if any."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence as SequenceType
+from pathlib import Path
+from typing import Any
+
+import torch
+from xllm_compiler.runtime.engine import Engine
+from xllm_compiler.runtime.sampling import sample
+from xllm_compiler.runtime.scheduler import Scheduler
+from xllm_compiler.runtime.step import Sequence
+
+
+class CompiledModel:
+    """A loaded artifact, ready to run. Not thread-safe: one call at a time."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], engine: Engine, scheduler: Scheduler):
+        self.root = root
+        self.manifest = manifest
+        self.engine = engine
+        self.scheduler = scheduler
+        model = manifest["model"]
+        self.vocab_size: int = model["vocab_size"]
+        self.max_seq_len: int = model["max_seq_len"]
+        self.eos_token_ids: tuple[int, ...] = tuple(model["eos_token_ids"])
+        self.device = engine.device
+        self._tokenizer = None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _check_prompts(self, prompts: Any, max_new_tokens: int) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, SequenceType):
+            raise ValueError("prompts must be a list of token-id lists")
+        checked = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, torch.Tensor):
+                prompt = prompt.tolist()
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, SequenceType):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise ValueError(f"prompt {i} holds a token id that is not an integer") from None
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i}: token id {bad} is outside [0, {self.vocab_size})")
+            if len(ids) + max_new_tokens > self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i}: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed max_seq_len "
+                    f"{self.max_seq_len}"
+                )
+            checked.append(ids)
+        return checked
+
+    @torch.inference_mode()
+    def logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """float32 logits [len(prompts), vocab] at the last position of each prompt."""
+        seqs = [Sequence(tokens=list(p), prompt_len=len(p)) for p in self._check_prompts(prompts, 0)]
+        rows: dict[int, torch.Tensor] = {}
+
+        def keep(batch: list[Sequence], logits: torch.Tensor) -> None:
+            for seq, row in zip(batch, logits, strict=True):
+                rows[id(seq)] = row
+                seq.finished = True
+
+        self.scheduler.run(seqs, keep)
+        if not seqs:
+            return torch.empty(0, self.vocab_size)
+        return torch.stack([rows[id(seq)] for seq in seqs])
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> list[list[int]]:
+        """New tokens for each prompt (greedy at temperature 0); a sequence stops at eos unless ignore_eos."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        checked = self._check_prompts(prompts, max_new_tokens)
+        if max_new_tokens == 0:
+            return [[] for _ in checked]
+        seqs = [Sequence(tokens=list(p), prompt_len=len(p), max_new_tokens=max_new_tokens) for p in checked]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        stop = set() if ignore_eos else set(self.eos_token_ids)
+
+        def extend(batch: list[Sequence], logits: torch.Tensor) -> None:
+            for seq, token in zip(batch, sample(logits, float(temperature), float(top_p), generator), strict=True):
+                seq.tokens.append(token)
+                seq.finished = len(seq.generated) >= seq.max_new_tokens or token in stop
+
+        self.scheduler.run(seqs, extend)
+        return [seq.generated for seq in seqs]
+
+    # -- text ---------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer.json as a ``tokenizers.Tokenizer`` (ValueError if it had none)."""
+        if self._tokenizer is None:
+            name = self.manifest.get("tokenizer")
+            if not name:
+                raise ValueError(f"the artifact {self.root} has no tokenizer.json; pass token ids instead")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.root / name))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Graph-cache counters: bucket hits, fallbacks, padded tokens."""
+        return dict(self.engine.graphs.counters)
+
+    def memory_stats(self) -> dict[str, Any]:
+        pool = self.engine.pool.stats()
+        return {
+            "kv_cache_bytes": self.engine.kv_cache.nbytes(),
+            "kv_blocks_total": pool.total,
+            "kv_blocks_used": pool.used,
+            "kv_blocks_free": pool.free,
+            "kv_blocks_peak": pool.peak_used,
+        }

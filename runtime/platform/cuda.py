@@ -1,0 +1,27 @@
+"""CUDA: torch's CUDA backend; ``xllm::`` ops use their torch composites (SDPA picks flash/mem-efficient).
+
+Not exercised on this project's CPU-only CI machines: nothing here has been measured on a GPU unless
+a closing note says so.
+"""
+
+from __future__ import annotations
+
+import torch
+from xllm_compiler.runtime.platform.base import Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def unavailable_reason(self) -> str:
+        return "device 'cuda' is not available (this torch build has no CUDA, or no GPU is visible)"
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def free_memory_bytes(self) -> int:
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)

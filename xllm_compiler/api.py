@@ -1,0 +1,27 @@
+"""The public Python API: ``compile`` and ``load``, thin layers over the compiler and the runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xllm_compiler.runtime import CompiledModel
+from xllm_compiler.runtime import load as _load
+
+
+def compile(model_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """Compile the checkpoint in ``model_dir`` into the artifact ``out_dir``; returns the report.
+
+    Keywords mirror the CLI: ``dtype``, ``device``, ``decode_buckets``, ``prefill_buckets``,
+    ``max_seq_len``, ``force``, ``passes``, ``disable_passes``, ``verify``, ``block_size``. Raises
+    ``xllm_compiler.errors.InputError`` (a ValueError) for bad input, where the CLI exits 2.
+    """
+    from xllm_compiler.compiler import compile_model  # imports models/ and passes/: only when compiling
+    from xllm_compiler.options import make_options
+
+    return compile_model(model_dir, out_dir, make_options(**options))
+
+
+def load(out_dir: str | Path, device: str | None = None, kv_blocks: int | None = None) -> CompiledModel:
+    """Load a compiled artifact; see ``xllm_compiler.runtime.load``."""
+    return _load(out_dir, device=device, kv_blocks=kv_blocks)

@@ -1,0 +1,1 @@
+"""xllm_compiler/artifact."""

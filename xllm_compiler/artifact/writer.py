@@ -1,0 +1,91 @@
+"""Write an artifact atomically: everything goes to a hidden folder beside OUT_DIR, renamed at the end.
+
+A failed or interrupted compile therefore leaves no OUT_DIR (and an existing one untouched); an
+existing non-empty OUT_DIR is refused unless ``force``, before any work is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import fx
+
+from xllm_compiler.artifact.graph_format import serialize_graph
+from xllm_compiler.errors import OutputDirError
+
+WEIGHTS_FILE = "weights.safetensors"
+GRAPHS_DIR = "graphs"
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an OUT_DIR that is a file, or a non-empty folder without ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputDirError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a staging folder; on normal exit it becomes OUT_DIR, on any exception it vanishes."""
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        check_output_dir(out_dir, force)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(retired / out_dir.name)
+            staging.rename(out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def referenced_weights(graphs: list[fx.GraphModule]) -> dict[str, torch.Tensor]:
+    """Every tensor a get_attr node of ``graphs`` names, once."""
+    weights: dict[str, torch.Tensor] = {}
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target not in weights:
+                weights[node.target] = _fetch(gm, node.target)
+    return weights
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
+
+
+def write_weights(root: Path, weights: dict[str, torch.Tensor]) -> str:
+    """weights.safetensors; tensors sharing storage are stored as separate copies (safetensors rule)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    save_file(tensors, str(root / WEIGHTS_FILE))
+    return WEIGHTS_FILE
+
+
+def write_graph(root: Path, name: str, gm: fx.GraphModule) -> str:
+    """graphs/NAME.json; returns its path relative to the artifact root."""
+    rel = f"{GRAPHS_DIR}/{name}.json"
+    (root / GRAPHS_DIR).mkdir(exist_ok=True)
+    (root / rel).write_text(json.dumps(serialize_graph(gm), separators=(",", ":")))
+    return rel

@@ -1,0 +1,166 @@
+"""``xllm::paged_attention`` and ``xllm::write_kv_cache``: attention over a paged KV cache, as opaque ops.
+
+Tokens of a step are flattened: ``query [T, H, D]`` holds the new tokens of every sequence back to back,
+sequence ``s`` owning ``query_lens[s]`` of them. Its keys and values live in fixed-size blocks of
+``kv_cache [2, num_blocks, block_size, Hkv, D]``; row ``s`` of ``block_tables`` lists them, and
+``seq_lens[s]`` counts its context including the new tokens. Prefill, chunked prefill and decode are
+the same call with different lengths. Tokens past ``sum(query_lens)`` are padding: their K/V go to the
+reserved slot their ``slot_mapping`` names (block 0) and their output is zero.
+
+The kernels here are torch composites (scaled_dot_product_attention with GQA), used on every device
+that has no fused kernel registered by the platform layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["paged_attention", "write_kv_cache"]
+
+
+def _write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+@torch.library.custom_op("xllm::write_kv_cache", mutates_args=("kv_cache",))
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at cache slots ``slot_mapping`` [T] (slot = block * block_size + offset)."""
+    _write_kv_cache(key, value, kv_cache, slot_mapping)
+
+
+@write_kv_cache.register_fake
+def _(key, value, kv_cache, slot_mapping) -> None:
+    return None
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached positions of one sequence, as [Hkv, length, D]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks])
+    return blocks.flatten(0, 1)[:length].transpose(0, 1)
+
+
+def _sequence_mask(query_len: int, seq_len: int, sliding_window: int, device: torch.device) -> torch.Tensor:
+    """Causal (and optionally sliding-window) mask [query_len, seq_len] for the last query_len positions."""
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    key_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if sliding_window > 0:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def _attend_one_sequence(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    query_len = query.shape[0]
+    keys = _gather_context(kv_cache[0], block_table, seq_len)[None]
+    values = _gather_context(kv_cache[1], block_table, seq_len)[None]
+    q = query.transpose(0, 1)[None]
+    windowed = 0 < sliding_window < seq_len
+    if query_len == 1 and not windowed:
+        out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+    elif query_len == seq_len and not windowed:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = _sequence_mask(query_len, seq_len, sliding_window, query.device)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def _attend_decode_batch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    """One query token per sequence: gather every context into one padded batch and attend once."""
+    block_size = kv_cache.shape[2]
+    max_len = max(seq_lens)
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[: len(seq_lens), :num_blocks]
+    keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    lengths = torch.tensor(seq_lens, device=query.device)[:, None]
+    key_pos = torch.arange(max_len, device=query.device)[None, :]
+    mask = key_pos < lengths
+    if sliding_window > 0:
+        mask &= key_pos >= lengths - sliding_window
+    q = query[:, :, None, :]
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out[:, :, 0, :]
+
+
+def _paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    _write_kv_cache(key, value, kv_cache, slot_mapping)
+    out = torch.zeros_like(query)
+    lens = query_lens.tolist()
+    contexts = seq_lens.tolist()
+    active = [s for s, n in enumerate(lens) if n > 0]
+    if not active:
+        return out
+    if all(lens[s] == 1 for s in active) and len(active) > 1 and active == list(range(len(active))):
+        # Decode: sequences 0..n-1 own tokens 0..n-1, one each.
+        n = len(active)
+        out[:n] = _attend_decode_batch(query[:n], kv_cache, block_tables, contexts[:n], scale, sliding_window)
+        return out
+    start = 0
+    for s, n in enumerate(lens):
+        if n > 0:
+            out[start : start + n] = _attend_one_sequence(
+                query[start : start + n], kv_cache, block_tables[s], contexts[s], scale, sliding_window
+            )
+        start += n
+    return out
+
+
+@torch.library.custom_op("xllm::paged_attention", mutates_args=("kv_cache",))
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    """Write the step's K/V into the cache, then attend causally over each sequence's context.
+
+    query [T, H, D], key/value [T, Hkv, D]; returns [T, H, D]. ``sliding_window`` 0 means full
+    attention; otherwise a query at position p sees keys at positions (p - window, p].
+    """
+    return _paged_attention(
+        query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window
+    )
+
+
+@paged_attention.register_fake
+def _(query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window):
+    return torch.empty_like(query)

@@ -1,0 +1,104 @@
+"""CompileOptions: every knob of ``xllm-compile`` / ``xllm_compiler.compile``, validated in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from xllm_compiler.errors import OptionsError
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
+DEFAULT_DECODE_BUCKETS = (1, 2, 4, 8)
+DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+#: --max-seq-len defaults to the model's max_position_embeddings, capped here: the KV pool and rope
+#: tables are sized from it, and 128k-context checkpoints would otherwise reserve gigabytes.
+MAX_SEQ_LEN_CAP = 4096
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of one compile."""
+
+    dtype: str = "auto"
+    """Weights and activations dtype; 'auto' keeps the checkpoint's (float32 when it names none)."""
+    device: str = "auto"
+    """Target device recorded in the artifact (and load()'s default); it must be available here."""
+    decode_buckets: tuple[int, ...] | None = None
+    """Decode batch sizes to specialise graphs for; None means DEFAULT_DECODE_BUCKETS."""
+    prefill_buckets: tuple[int, ...] | None = None
+    """Prefill token counts to specialise graphs for; None means DEFAULT_PREFILL_BUCKETS up to max_seq_len."""
+    max_seq_len: int | None = None
+    """Longest prompt + generation; None means max_position_embeddings, capped at MAX_SEQ_LEN_CAP."""
+    force: bool = False
+    """Replace a non-empty out_dir."""
+    passes: tuple[str, ...] | None = None
+    """Run only these passes (pipeline order kept); None runs all, () or ('none',) runs none."""
+    disable_passes: tuple[str, ...] = ()
+    """Passes to skip."""
+    verify: bool = False
+    """Run each pass's graph on sample inputs and compare with the graph before it."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Tokens per KV-cache block."""
+
+
+def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
+    """Parse/validate a bucket list ('1,2,4' or [1, 2, 4]) into sorted unique positive ints."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        parts = [p.strip() for p in values.split(",") if p.strip()]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise OptionsError(f"{what} must be comma-separated integers, got '{values}'") from None
+    values = list(values)
+    if not values:
+        raise OptionsError(f"{what} must name at least one size")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptionsError(f"{what} must be positive integers, got {v!r}")
+    return tuple(sorted(set(values)))
+
+
+def make_options(**kwargs) -> CompileOptions:
+    """CompileOptions from API keywords, each checked and normalised; unknown keywords are refused."""
+    known = set(CompileOptions.__dataclass_fields__)
+    unknown = set(kwargs) - known - {"disable_pass"}
+    if unknown:
+        raise OptionsError(f"unknown compile option {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    if "disable_pass" in kwargs:
+        kwargs["disable_passes"] = kwargs.pop("disable_pass")
+    dtype = kwargs.get("dtype", "auto")
+    if dtype not in DTYPE_CHOICES:
+        raise OptionsError(f"dtype '{dtype}' is not one of {', '.join(DTYPE_CHOICES)}")
+    device = kwargs.get("device", "auto")
+    if device not in DEVICE_CHOICES:
+        raise OptionsError(f"device '{device}' is not one of {', '.join(DEVICE_CHOICES)}")
+    max_seq_len = kwargs.get("max_seq_len")
+    if max_seq_len is not None and (
+        isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1
+    ):
+        raise OptionsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    block_size = kwargs.get("block_size", DEFAULT_BLOCK_SIZE)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise OptionsError(f"block_size must be a positive integer, got {block_size!r}")
+    passes = kwargs.get("passes")
+    if isinstance(passes, str):
+        passes = tuple(p.strip() for p in passes.split(",") if p.strip())
+    disabled = kwargs.get("disable_passes", ())
+    if isinstance(disabled, str):
+        disabled = (disabled,)
+    return CompileOptions(
+        dtype=dtype,
+        device=device,
+        decode_buckets=bucket_list(kwargs.get("decode_buckets"), "decode_buckets"),
+        prefill_buckets=bucket_list(kwargs.get("prefill_buckets"), "prefill_buckets"),
+        max_seq_len=max_seq_len,
+        force=bool(kwargs.get("force", False)),
+        passes=tuple(passes) if passes is not None else None,
+        disable_passes=tuple(disabled),
+        verify=bool(kwargs.get("verify", False)),
+        block_size=block_size,
+    )
