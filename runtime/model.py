@@ -13,6 +13,8 @@ from xllm_compiler.runtime.sampling import sample
 from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.step import Sequence
 
+from xllm_compiler.errors import RequestError
+
 
 class CompiledModel:
     """A loaded artifact, ready to run. Not thread-safe: one call at a time."""
@@ -33,24 +35,24 @@ class CompiledModel:
 
     def _check_prompts(self, prompts: Any, max_new_tokens: int) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, SequenceType):
-            raise ValueError("prompts must be a list of token-id lists")
+            raise RequestError("prompts must be a list of token-id lists")
         checked = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, torch.Tensor):
                 prompt = prompt.tolist()
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, SequenceType):
-                raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+                raise RequestError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
             if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty")
+                raise RequestError(f"prompt {i} is empty")
             try:
                 ids = [operator.index(t) for t in prompt]
             except TypeError:
-                raise ValueError(f"prompt {i} holds a token id that is not an integer") from None
+                raise RequestError(f"prompt {i} holds a token id that is not an integer") from None
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
-                raise ValueError(f"prompt {i}: token id {bad} is outside [0, {self.vocab_size})")
+                raise RequestError(f"prompt {i}: token id {bad} is outside [0, {self.vocab_size})")
             if len(ids) + max_new_tokens > self.max_seq_len:
-                raise ValueError(
+                raise RequestError(
                     f"prompt {i}: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed max_seq_len "
                     f"{self.max_seq_len}"
                 )
@@ -85,11 +87,11 @@ class CompiledModel:
     ) -> list[list[int]]:
         """New tokens for each prompt (greedy at temperature 0); a sequence stops at eos unless ignore_eos."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+            raise RequestError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+            raise RequestError(f"temperature must be >= 0, got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+            raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
         checked = self._check_prompts(prompts, max_new_tokens)
         if max_new_tokens == 0:
             return [[] for _ in checked]
@@ -113,7 +115,7 @@ class CompiledModel:
         if self._tokenizer is None:
             name = self.manifest.get("tokenizer")
             if not name:
-                raise ValueError(f"the artifact {self.root} has no tokenizer.json; pass token ids instead")
+                raise RequestError(f"the artifact {self.root} has no tokenizer.json; pass token ids instead")
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(self.root / name))

@@ -40,6 +40,10 @@ class DeviceError(InputError):
     """The requested device (cuda, npu) is not available in this process."""
 
 
+class RequestError(InputError):
+    """A logits()/generate() request the model cannot serve: empty prompt, id out of range, too long."""
+
+
 class KVCacheExhaustedError(InputError):
     """A request needs more KV-cache blocks than the pool can ever give it."""
 

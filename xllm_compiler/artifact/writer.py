@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield staging
+        _apply_umask(staging)
         check_output_dir(out_dir, force)
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -53,6 +55,15 @@ def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _apply_umask(root: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; give the artifact the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def referenced_weights(graphs: list[fx.GraphModule]) -> dict[str, torch.Tensor]:
