@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from xllm_compiler.models.config import ModelSpec
 from xllm_compiler.models.decoder import DecoderForCausalLM
 from xllm_compiler.models.registry import load_spec

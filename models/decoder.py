@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from xllm_compiler.models.config import ModelSpec
-from xllm_compiler.models.rope import cos_sin_tables
 
 import xllm_compiler.ops  # noqa: F401  (registers torch.ops.xllm)
+from xllm_compiler.models.config import ModelSpec
+from xllm_compiler.models.rope import cos_sin_tables
 from xllm_compiler.ops.reference import apply_rotary, rms_norm, silu_and_mul
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xllm_compiler.errors import ConfigError
 from xllm_compiler.models.config import (
     ModelSpec,
     checkpoint_dtype,
@@ -21,8 +22,6 @@ from xllm_compiler.models.config import (
     sliding_windows,
     token_ids,
 )
-
-from xllm_compiler.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """The pass contract: a named, versioned callable over a GraphModule that says what it did.
 
-A pass returns a ``PassResult``, which is truthy when the graph changed and carries the number of
-pattern matches it rewrote. Its identity (name, version and frozen options, hashed) goes into the
-artifact's cache key, so changing a pass invalidates what it produced before.
+A pass edits ``gm.graph`` in place and returns a ``PassResult``, which is truthy when the graph
+changed and carries the number of matches it rewrote. It does not regenerate ``gm``'s code: the
+PassManager does, once (call ``gm.recompile()`` yourself before running a graph a pass changed).
+
+A pass's identity (name, version and frozen options, hashed) goes into the artifact's cache key, so
+changing a pass invalidates what it produced before.
 """
 
 from __future__ import annotations

@@ -10,21 +10,41 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import fx
-from xllm_compiler.passes.cleanup.eliminate_dead_code import eliminate_dead_code
-from xllm_compiler.passes.cleanup.remove_noop_casts import remove_noop_casts
-from xllm_compiler.passes.graph_pass import GraphPass
 
 from xllm_compiler.errors import CompileError, OptionsError
+from xllm_compiler.passes.cleanup.eliminate_common_subexpressions import eliminate_common_subexpressions
+from xllm_compiler.passes.cleanup.eliminate_dead_code import eliminate_dead_code
+from xllm_compiler.passes.cleanup.fold_constants import fold_constants
+from xllm_compiler.passes.cleanup.remove_noop_ops import remove_noop_ops
+from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
+from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
+from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedding
+from xllm_compiler.passes.fusion.fuse_silu_and_mul import fuse_silu_and_mul
+from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_projections
+from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projections
+from xllm_compiler.passes.graph_pass import GraphPass
 
 
 def default_pipeline() -> list[GraphPass]:
     """Every pass, in the order it runs."""
     return [
-        # Cleanup: make the traced graph canonical so the patterns below see one form.
-        remove_noop_casts,
+        # Cleanup: make the traced graph canonical, so that the patterns below see one form.
+        remove_noop_ops,
+        eliminate_common_subexpressions,
         eliminate_dead_code,
+        # Merge projections that read the same input into one matmul each.
+        merge_qkv_projections,
+        merge_gate_up_projections,
+        # Evaluate weight-only subgraphs (the merged weights) once, into stored weights.
+        fold_constants,
+        # Fuse elementwise chains into xllm:: ops (residual+norm before plain norm: it is the larger).
+        fuse_add_rms_norm,
+        fuse_rms_norm,
+        fuse_silu_and_mul,
+        fuse_rotary_embedding,
     ]
 
 
@@ -62,15 +82,32 @@ def count_nodes(gm: fx.GraphModule) -> int:
 
 
 class PassManager:
-    """Runs passes in order over one GraphModule; ``check`` (optional) runs after every pass."""
+    """Runs passes in order over one GraphModule, then regenerates its code (passes edit the graph
+    only; recompiling after each would cost more than most passes).
 
-    def __init__(self, passes: Sequence[GraphPass], check: Callable[[GraphPass, fx.GraphModule], None] | None = None):
+    ``check`` (optional) runs after every pass (e.g. --verify's NumericsCheck); ``dump_dir`` (optional)
+    receives the graph's code before the first pass and after each one, for --debug-dump.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[GraphPass],
+        check: Callable[[GraphPass, fx.GraphModule], None] | None = None,
+        dump_dir: Path | None = None,
+    ):
         self.passes = list(passes)
         self.check = check
+        self.dump_dir = dump_dir
+
+    def _dump(self, index: int, name: str, gm: fx.GraphModule) -> None:
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / f"{index:02d}_{name}.py").write_text(gm.print_readable(print_output=False))
 
     def run(self, gm: fx.GraphModule) -> list[PassRecord]:
         records = []
-        for graph_pass in self.passes:
+        self._dump(0, "captured", gm)
+        for index, graph_pass in enumerate(self.passes, start=1):
             before = count_nodes(gm)
             start = time.perf_counter()
             result = graph_pass(gm)
@@ -80,10 +117,13 @@ class PassManager:
             except Exception as exc:  # lint raises RuntimeError or AssertionError
                 raise CompileError(f"pass {graph_pass.name} left an invalid graph: {exc}") from exc
             if self.check is not None:
+                gm.recompile()
                 self.check(graph_pass, gm)
+            self._dump(index, graph_pass.name, gm)
             records.append(
                 PassRecord(
                     graph_pass.name, graph_pass.version, round(seconds, 6), before, count_nodes(gm), result.matches
                 )
             )
+        gm.recompile()
         return records

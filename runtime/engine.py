@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
+from xllm_compiler.interface import STEP_INPUTS
 from xllm_compiler.runtime.graph_cache import GraphCache
 from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
 from xllm_compiler.runtime.step import Sequence, build_step_inputs
-
-from xllm_compiler.interface import STEP_INPUTS
 
 
 class Engine:

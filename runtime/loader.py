@@ -13,12 +13,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from xllm_compiler.runtime.engine import Engine
-from xllm_compiler.runtime.graph_cache import GraphCache
-from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
-from xllm_compiler.runtime.model import CompiledModel
-from xllm_compiler.runtime.platform import get_platform
-from xllm_compiler.runtime.scheduler import Scheduler
 
 import xllm_compiler.ops  # noqa: F401  (registers the xllm ops the graphs call)
 from xllm_compiler.artifact.graph_format import deserialize_graph
@@ -27,6 +21,12 @@ from xllm_compiler.artifact.writer import WEIGHTS_FILE
 from xllm_compiler.buckets.policy import PREFILL, Bucket
 from xllm_compiler.errors import ArtifactError, OptionsError
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS
+from xllm_compiler.runtime.engine import Engine
+from xllm_compiler.runtime.graph_cache import GraphCache
+from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
+from xllm_compiler.runtime.model import CompiledModel
+from xllm_compiler.runtime.platform import get_platform
+from xllm_compiler.runtime.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

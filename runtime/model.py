@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from xllm_compiler.errors import RequestError
 from xllm_compiler.runtime.engine import Engine
 from xllm_compiler.runtime.sampling import sample
 from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.step import Sequence
-
-from xllm_compiler.errors import RequestError
 
 
 class CompiledModel:

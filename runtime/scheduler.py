@@ -11,11 +11,11 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
-from xllm_compiler.runtime.engine import Engine
-from xllm_compiler.runtime.step import Sequence
 
 from xllm_compiler.buckets.policy import DECODE, PREFILL
 from xllm_compiler.errors import KVCacheExhaustedError
+from xllm_compiler.runtime.engine import Engine
+from xllm_compiler.runtime.step import Sequence
 
 
 class Scheduler:

@@ -28,6 +28,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--passes", metavar="P,P,...|none", help="run only these passes (pipeline order)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
     parser.add_argument("--verify", action="store_true", help="check every pass's numerics on sample inputs")
+    parser.add_argument("--debug-dump", metavar="DIR", help="write the graph before and after every pass to DIR")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             passes=args.passes,
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,
+            debug_dump=args.debug_dump,
             force=args.force,
         )
         if args.quiet:

@@ -32,6 +32,7 @@ from xllm_compiler.options import (
 )
 from xllm_compiler.passes import PassManager, select_passes
 from xllm_compiler.passes.manager import count_nodes
+from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
 from xllm_compiler.runtime.platform import get_platform
 
@@ -77,7 +78,7 @@ def compile_model(
 ) -> dict[str, Any]:
     """Compile ``model_dir`` into the artifact ``out_dir``; returns the report (also in report.json)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_output_dir(out_dir, options.force)
+    check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
     passes = select_passes(options.passes, options.disable_passes)
     report = CompileReport(listener=listener)
@@ -103,7 +104,9 @@ def compile_model(
         del model
         nodes_captured = count_nodes(gm)
     with report.stage("passes", "Running graph passes"):
-        records = PassManager(passes).run(gm)
+        check = NumericsCheck(gm, dtype) if options.verify else None
+        dump = Path(options.debug_dump) if options.debug_dump else None
+        records = PassManager(passes, check=check, dump_dir=dump).run(gm)
     with report.stage("buckets", "Specialising buckets"):
         bucket_graphs = {bucket: specialize(gm, bucket) for bucket in buckets}
 
@@ -122,7 +125,7 @@ def compile_model(
             "buckets": [{**b.to_json(), "nodes": count_nodes(g)} for b, g in bucket_graphs.items()],
         }
     )
-    with report.stage("write", "Writing the artifact"), staged_output(out_dir, options.force) as root:
+    with report.stage("write", "Writing the artifact"), staged_output(out_dir, options.force, model_dir) as root:
         files = [write_weights(root, referenced_weights([gm, *bucket_graphs.values()]))]
         graph_files = {"dynamic": write_graph(root, "dynamic", gm)}
         graph_files.update({b.name: write_graph(root, b.name, g) for b, g in bucket_graphs.items()})

@@ -47,7 +47,11 @@ def guarded(prog: str, body: Callable[[], int], debug: bool) -> int:
 
 
 class RichStageListener:
-    """Shows each compile stage as a spinner line that turns into a tick with its time."""
+    """Shows each compile stage as a spinner line that turns into a tick with its time.
+
+    Only on a terminal, and transient: the lines vanish when the compile ends, so that a failure
+    leaves exactly one line on stderr and logs never fill with spinner frames.
+    """
 
     def __init__(self, console: Console):
         self.progress = Progress(
@@ -55,7 +59,8 @@ class RichStageListener:
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
             console=console,
-            transient=False,
+            transient=True,
+            disable=not console.is_terminal,
         )
         self.tasks: dict[str, int] = {}
 

@@ -41,6 +41,8 @@ class CompileOptions:
     """Run each pass's graph on sample inputs and compare with the graph before it."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Tokens per KV-cache block."""
+    debug_dump: str | None = None
+    """Folder to write the graph's code to before and after every pass."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -101,4 +103,5 @@ def make_options(**kwargs) -> CompileOptions:
         disable_passes=tuple(disabled),
         verify=bool(kwargs.get("verify", False)),
         block_size=block_size,
+        debug_dump=None if kwargs.get("debug_dump") is None else str(kwargs["debug_dump"]),
     )

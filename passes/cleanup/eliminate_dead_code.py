@@ -7,6 +7,7 @@ schema as impure, so they stay.
 from __future__ import annotations
 
 from torch import fx
+
 from xllm_compiler.passes.graph_pass import graph_pass
 
 
@@ -24,5 +25,4 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     changed = gm.graph.eliminate_dead_code()
     if changed:
         delete_unused_attributes(gm)
-        gm.recompile()
     return changed

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from xllm_compiler.errors import DeviceError, OptionsError
 from xllm_compiler.runtime.platform.base import Platform
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
 from xllm_compiler.runtime.platform.cuda import CudaPlatform
 from xllm_compiler.runtime.platform.npu import NpuPlatform
-
-from xllm_compiler.errors import DeviceError, OptionsError
 
 PLATFORMS: dict[str, type[Platform]] = {"cpu": CpuPlatform, "cuda": CudaPlatform, "npu": NpuPlatform}
 #: What "auto" picks, best first.

@@ -7,6 +7,7 @@ a closing note says so.
 from __future__ import annotations
 
 import torch
+
 from xllm_compiler.runtime.platform.base import Platform
 
 

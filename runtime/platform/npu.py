@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+
 from xllm_compiler.runtime.platform.base import Platform
 
 

@@ -25,36 +25,54 @@ WEIGHTS_FILE = "weights.safetensors"
 GRAPHS_DIR = "graphs"
 
 
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an OUT_DIR that is a file, or a non-empty folder without ``force``."""
+def check_output_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> None:
+    """Refuse an OUT_DIR that is a file, that is or holds the model folder, or that is a non-empty folder
+    without ``force``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirError(f"output path {out_dir} exists and is not a directory")
+    if model_dir is not None:
+        out, model = out_dir.resolve(), Path(model_dir).resolve()
+        if out == model or out in model.parents:
+            raise OutputDirError(f"output directory {out_dir} is or contains the model directory {model_dir}")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise OutputDirError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a staging folder; on normal exit it becomes OUT_DIR, on any exception it vanishes."""
+def staged_output(out_dir: Path, force: bool, model_dir: Path | None = None) -> Iterator[Path]:
+    """Yield a staging folder; on normal exit it becomes OUT_DIR, on any exception it vanishes and an
+    existing OUT_DIR is left as it was."""
     out_dir = Path(out_dir).absolute()
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, model_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield staging
         _apply_umask(staging)
-        check_output_dir(out_dir, force)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(retired / out_dir.name)
-            staging.rename(out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
+        check_output_dir(out_dir, force, model_dir)
+        _swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first and put back if
+    the rename fails, so it is only ever replaced whole."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    retired_parent = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    retired = retired_parent / out_dir.name
+    out_dir.rename(retired)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        retired.rename(out_dir)
+        shutil.rmtree(retired_parent, ignore_errors=True)
+        raise
+    shutil.rmtree(retired_parent, ignore_errors=True)
 
 
 def _apply_umask(root: Path) -> None:

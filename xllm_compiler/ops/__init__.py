@@ -3,6 +3,6 @@
 Importing this package registers the ops; every other part of the project may import it.
 """
 
-from xllm_compiler.ops import attention, reference
+from xllm_compiler.ops import activation, attention, norm, reference, rotary
 
-__all__ = ["attention", "reference"]
+__all__ = ["activation", "attention", "norm", "reference", "rotary"]

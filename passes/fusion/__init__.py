@@ -1,0 +1,1 @@
+"""Fusion passes: merged projections and fused xllm:: ops, one pass per file with its pattern."""
