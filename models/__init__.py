@@ -2,6 +2,6 @@
 
 from xllm_compiler.models.build import build_model
 from xllm_compiler.models.config import ModelSpec
-from xllm_compiler.models.registry import ARCHITECTURES, load_spec
+from xllm_compiler.models.registry import ARCHITECTURES, load_spec, spec_from_config
 
-__all__ = ["ARCHITECTURES", "ModelSpec", "build_model", "load_spec"]
+__all__ = ["ARCHITECTURES", "ModelSpec", "build_model", "load_spec", "spec_from_config"]

@@ -68,7 +68,11 @@ def architecture_of(config: dict[str, Any]) -> str:
 
 def load_spec(model_dir: Path) -> ModelSpec:
     """Read model_dir/config.json into a ModelSpec, refusing what we cannot run faithfully."""
-    config = read_config(model_dir)
+    return spec_from_config(read_config(model_dir), generation_eos(model_dir))
+
+
+def spec_from_config(config: dict[str, Any], eos_override: tuple[int, ...] | None = None) -> ModelSpec:
+    """A ModelSpec from a config.json dict (``eos_override``: generation_config.json's eos ids)."""
     architecture = architecture_of(config)
     family = ARCHITECTURES[architecture]
     act = config.get("hidden_act", config.get("hidden_activation", "silu"))
@@ -85,7 +89,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
     if head_dim % 2:
         raise ConfigError(f"head_dim {head_dim} must be even for rotary embeddings")
     num_layers = require(config, "num_hidden_layers")
-    eos = generation_eos(model_dir) or token_ids(config.get("eos_token_id"))
+    eos = eos_override or token_ids(config.get("eos_token_id"))
     return ModelSpec(
         architecture=architecture,
         vocab_size=require(config, "vocab_size"),

@@ -40,6 +40,13 @@ def _field(manifest: dict[str, Any], *keys: str) -> Any:
     return value
 
 
+def _listed(manifest: dict[str, Any], rel: Any) -> str:
+    """``rel``, if the manifest lists (and so has verified) it; the runtime reads no other file."""
+    if not isinstance(rel, str) or rel not in manifest["files"]:
+        raise ArtifactError(f"manifest.json names '{rel}', which its 'files' list does not cover")
+    return rel
+
+
 def _read_graph(root: Path, rel: str, device: torch.device):
     try:
         data = json.loads((root / rel).read_text())
@@ -71,11 +78,13 @@ def load(path: str | Path, device: str | None = None, kv_blocks: int | None = No
     platform.register_kernels()
 
     try:
-        weights = load_file(str(root / WEIGHTS_FILE), device=str(torch_device))
+        weights = load_file(str(root / _listed(manifest, WEIGHTS_FILE)), device=str(torch_device))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"artifact file {WEIGHTS_FILE} cannot be read ({exc})") from None
     graph_files = _field(manifest, "graphs")
-    graphs = {name: _read_graph(root, rel, torch_device) for name, rel in graph_files.items()}
+    if not isinstance(graph_files, dict):
+        raise ArtifactError("manifest.json 'graphs' must map graph names to files")
+    graphs = {name: _read_graph(root, _listed(manifest, rel), torch_device) for name, rel in graph_files.items()}
     try:
         buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
     except (TypeError, KeyError, ValueError):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from xllm_compiler.errors import RequestError
+from xllm_compiler.errors import ArtifactError, RequestError
 from xllm_compiler.runtime.engine import Engine
 from xllm_compiler.runtime.sampling import sample
 from xllm_compiler.runtime.scheduler import Scheduler
@@ -116,6 +116,8 @@ class CompiledModel:
             name = self.manifest.get("tokenizer")
             if not name:
                 raise RequestError(f"the artifact {self.root} has no tokenizer.json; pass token ids instead")
+            if name not in self.manifest["files"]:
+                raise ArtifactError(f"manifest.json names tokenizer '{name}', which its 'files' list does not cover")
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(self.root / name))

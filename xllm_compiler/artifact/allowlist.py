@@ -157,20 +157,31 @@ def target_name(target: object) -> str:
 
 
 def resolve_target(name: str) -> Callable:
-    """The op for a serialised name, refusing anything off the allowlist."""
+    """The op for a serialised name, refusing anything off the allowlist.
+
+    Only an ``OpOverload`` that torch.ops resolves (``namespace.packet.overload`` with the overload
+    listed by the packet) or a listed Python operator can come back: never an arbitrary attribute.
+    """
+    if not isinstance(name, str):
+        raise ArtifactError(f"op {name!r} is not an allowed op")
     if name in PYTHON_OPS:
         return PYTHON_OPS[name]
     parts = name.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or not all(p.isidentifier() and not p.startswith("__") for p in parts):
         raise ArtifactError(f"op '{name}' is not an allowed op")
-    namespace, packet, overload = parts
-    allowed = namespace in OPEN_NAMESPACES or (namespace == "aten" and packet in ATEN_OPS)
+    namespace, packet_name, overload = parts
+    allowed = namespace in OPEN_NAMESPACES or (namespace == "aten" and packet_name in ATEN_OPS)
     if not allowed:
         raise ArtifactError(f"op '{name}' is not an allowed op")
     try:
-        return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+        packet = getattr(getattr(torch.ops, namespace), packet_name)
+        known = isinstance(packet, torch._ops.OpOverloadPacket) and overload in packet.overloads()
+        op = getattr(packet, overload) if known else None
     except (AttributeError, RuntimeError):
-        raise ArtifactError(f"op '{name}' does not exist in this torch build") from None
+        op = None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise ArtifactError(f"op '{name}' does not exist in this torch build")
+    return op
 
 
 def check_allowed(target: object) -> str:

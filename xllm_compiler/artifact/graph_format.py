@@ -15,6 +15,7 @@ are referenced by name from the safetensors file.
 
 from __future__ import annotations
 
+import keyword
 import math
 from typing import Any
 
@@ -163,6 +164,15 @@ class _Decoder:
         raise self.fail(f"malformed argument {value!r}")
 
 
+def _is_name(text: Any) -> bool:
+    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text) and not text.startswith("__")
+
+
+def _is_attribute_path(text: Any) -> bool:
+    """'model.layers.0.mlp.weight': identifiers, or digits (module-list indices, quoted by fx)."""
+    return isinstance(text, str) and all(_is_name(p) or (p.isdigit() and p.isascii()) for p in text.split("."))
+
+
 def deserialize_graph(data: Any, device: torch.device, where: str) -> fx.Graph:
     """An fx.Graph from its JSON form, every op checked against the allowlist. ``where`` names the file."""
     decoder = _Decoder(device, where)
@@ -178,18 +188,24 @@ def deserialize_graph(data: Any, device: torch.device, where: str) -> fx.Graph:
             args, kwargs = entry.get("args", []), entry.get("kwargs", {})
         except (TypeError, KeyError):
             raise decoder.fail(f"malformed node {entry!r}") from None
-        if op not in NODE_OPS or not isinstance(name, str) or name in decoder.env:
-            raise decoder.fail(f"malformed node '{name}'")
-        if not isinstance(kwargs, dict) or not isinstance(args, list):
+        # Names, keyword names and targets end up in the Python code fx generates for the graph:
+        # anything but plain identifiers (and dotted paths of them for weights) is refused.
+        if op not in NODE_OPS or not _is_name(name) or name in decoder.env:
+            raise decoder.fail(f"malformed node {name!r}")
+        if not isinstance(kwargs, dict) or not isinstance(args, list) or not all(map(_is_name, kwargs)):
             raise decoder.fail(f"node '{name}' has malformed arguments")
         if op == "call_function":
-            target = resolve_target(entry.get("target", ""))
+            try:
+                target = resolve_target(entry.get("target", ""))
+            except ArtifactError as exc:
+                raise decoder.fail(str(exc)) from None
         elif op == "output":
             target, outputs = "output", outputs + 1
         else:
             target = entry.get("target")
-            if not isinstance(target, str):
-                raise decoder.fail(f"node '{name}' has no target")
+            valid = target == name if op == "placeholder" else _is_attribute_path(target)
+            if not valid:
+                raise decoder.fail(f"node '{name}' has an invalid target {target!r}")
         node = graph.create_node(
             op, target, tuple(decoder.decode(args)), {k: decoder.decode(v) for k, v in kwargs.items()}, name=name
         )
@@ -199,5 +215,8 @@ def deserialize_graph(data: Any, device: torch.device, where: str) -> fx.Graph:
         decoder.env[name] = node
     if outputs != 1:
         raise decoder.fail("a graph needs exactly one output node")
-    graph.lint()
+    try:
+        graph.lint()
+    except Exception as exc:  # lint raises several types for the same thing: an inconsistent graph
+        raise decoder.fail(f"inconsistent graph ({exc})") from None
     return graph
