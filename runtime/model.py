@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence as SequenceType
 from pathlib import Path
@@ -14,6 +15,10 @@ from xllm_compiler.runtime.engine import Engine
 from xllm_compiler.runtime.sampling import sample
 from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.step import Sequence
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class CompiledModel:
@@ -45,9 +50,11 @@ class CompiledModel:
             if len(prompt) == 0:
                 raise RequestError(f"prompt {i} is empty")
             try:
-                ids = [operator.index(t) for t in prompt]
+                ids = [operator.index(t) for t in prompt if not isinstance(t, bool)]
             except TypeError:
-                raise RequestError(f"prompt {i} holds a token id that is not an integer") from None
+                ids = []
+            if len(ids) != len(prompt):
+                raise RequestError(f"prompt {i} holds a token id that is not an integer")
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise RequestError(f"prompt {i}: token id {bad} is outside [0, {self.vocab_size})")
@@ -88,9 +95,9 @@ class CompiledModel:
         """New tokens for each prompt (greedy at temperature 0); a sequence stops at eos unless ignore_eos."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise RequestError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
-            raise RequestError(f"temperature must be >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if not _is_real(temperature) or not 0 <= temperature < math.inf:
+            raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not _is_real(top_p) or not 0 < top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
         checked = self._check_prompts(prompts, max_new_tokens)
         if max_new_tokens == 0:
