@@ -25,6 +25,7 @@ from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedd
 from xllm_compiler.passes.fusion.fuse_silu_and_mul import fuse_silu_and_mul
 from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_projections
 from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projections
+from xllm_compiler.passes.fusion.select_rows_before_final_norm import select_rows_before_final_norm
 from xllm_compiler.passes.graph_pass import GraphPass
 
 
@@ -45,6 +46,8 @@ def default_pipeline() -> list[GraphPass]:
         fuse_rms_norm,
         fuse_silu_and_mul,
         fuse_rotary_embedding,
+        # Work only on the rows that reach the LM head.
+        select_rows_before_final_norm,
     ]
 
 

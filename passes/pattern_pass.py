@@ -121,11 +121,15 @@ def apply_replacement(graph: fx.Graph, match: Match, replacement: Callable[..., 
     results = list(result) if isinstance(result, (tuple, list)) else [result]
     if len(results) != len(match.outputs):
         raise ValueError(f"replacement returned {len(results)} values for {len(match.outputs)} pattern outputs")
-    _propagate_meta(_new_nodes_between(last_input, stop), fake_mode)
+    new_nodes = _new_nodes_between(last_input, stop)
+    _propagate_meta(new_nodes, fake_mode)
     for old, new in zip(match.outputs, results, strict=True):
         old.replace_all_uses_with(new.node, delete_user_cb=lambda user: user not in matched)
     for node in sorted(matched, reverse=True):
         if not node.users:
+            graph.erase_node(node)
+    for node in reversed(new_nodes):  # e.g. the getitem of an output nobody used
+        if not node.users and not node.is_impure():
             graph.erase_node(node)
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,17 +10,21 @@ from xllm_compiler.runtime import CompiledModel
 from xllm_compiler.runtime import load as _load
 
 
-def compile(model_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def compile(
+    model_dir: str | Path, out_dir: str | Path, extra_passes: Sequence[Any] = (), **options: Any
+) -> dict[str, Any]:
     """Compile the checkpoint in ``model_dir`` into the artifact ``out_dir``; returns the report.
 
     Keywords mirror the CLI: ``dtype``, ``device``, ``decode_buckets``, ``prefill_buckets``,
-    ``max_seq_len``, ``force``, ``passes``, ``disable_passes``, ``verify``, ``block_size``. Raises
-    ``xllm_compiler.errors.InputError`` (a ValueError) for bad input, where the CLI exits 2.
+    ``max_seq_len``, ``force``, ``passes``, ``disable_passes``, ``verify``, ``block_size``,
+    ``debug_dump``. ``extra_passes`` (GraphPass objects) run after the pipeline and are recorded in the
+    report and manifest like the others. Raises ``xllm_compiler.errors.InputError`` (a ValueError) for
+    bad input, where the CLI exits 2.
     """
     from xllm_compiler.compiler import compile_model  # imports models/ and passes/: only when compiling
     from xllm_compiler.options import make_options
 
-    return compile_model(model_dir, out_dir, make_options(**options))
+    return compile_model(model_dir, out_dir, make_options(**options), extra_passes=list(extra_passes))
 
 
 def load(out_dir: str | Path, device: str | None = None, kv_blocks: int | None = None) -> CompiledModel:

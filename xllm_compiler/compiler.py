@@ -30,7 +30,7 @@ from xllm_compiler.options import (
     MAX_SEQ_LEN_CAP,
     CompileOptions,
 )
-from xllm_compiler.passes import PassManager, select_passes
+from xllm_compiler.passes import GraphPass, PassManager, select_passes
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
@@ -74,13 +74,17 @@ def resolve_max_seq_len(options: CompileOptions, spec: ModelSpec) -> int:
 
 
 def compile_model(
-    model_dir: Path | str, out_dir: Path | str, options: CompileOptions, listener: StageListener | None = None
+    model_dir: Path | str,
+    out_dir: Path | str,
+    options: CompileOptions,
+    listener: StageListener | None = None,
+    extra_passes: list[GraphPass] | None = None,
 ) -> dict[str, Any]:
     """Compile ``model_dir`` into the artifact ``out_dir``; returns the report (also in report.json)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
-    passes = select_passes(options.passes, options.disable_passes)
+    passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
     report = CompileReport(listener=listener)
 
     with report.stage("config", "Reading config.json"):

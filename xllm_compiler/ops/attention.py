@@ -104,6 +104,15 @@ def _attend_decode_batch(
     return out[:, :, 0, :]
 
 
+def _store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """The cache write: inline on CPU (no dispatcher round trip), through the op elsewhere so that a
+    platform's fused kernel (NPU: reshape_and_cache) takes it."""
+    if kv_cache.device.type == "cpu":
+        _write_kv_cache(key, value, kv_cache, slot_mapping)
+    else:
+        torch.ops.xllm.write_kv_cache.default(key, value, kv_cache, slot_mapping)
+
+
 def _paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -116,7 +125,7 @@ def _paged_attention(
     scale: float,
     sliding_window: int,
 ) -> torch.Tensor:
-    _write_kv_cache(key, value, kv_cache, slot_mapping)
+    _store(key, value, kv_cache, slot_mapping)
     out = torch.zeros_like(query)
     lens = query_lens.tolist()
     contexts = seq_lens.tolist()
