@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ class FunctionPass(GraphPass):
 
     def __init__(self, name: str, version: int, fn: Callable[[fx.GraphModule], PassResult | bool], options=None):
         self.name, self.version, self.options, self._fn = name, version, options, fn
-        self.__doc__ = fn.__doc__
+        self.__doc__ = fn.__doc__ or sys.modules[fn.__module__].__doc__
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = self._fn(gm)

@@ -48,7 +48,7 @@ def build_graph(config: dict[str, Any], dtype: torch.dtype = torch.float32, seed
     """The traced graph of a random-weight model (norm weights and biases random too)."""
     spec = spec_from_config(config)
     torch.manual_seed(seed)
-    model = DecoderForCausalLM(spec, config["max_position_embeddings"], torch.float32)
+    model = DecoderForCausalLM(spec, spec.max_position_embeddings, torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):

@@ -1,0 +1,85 @@
+"""Write a random-weight Hugging Face style checkpoint (config.json + model.safetensors) for benchmarks.
+
+    python tools/random_checkpoint.py OUT_DIR [--preset llama-100m] [--dtype bfloat16] [--layers N]
+
+Presets describe the shapes the benchmarks use; weights are normal(0, 0.02), norms one. No
+transformers needed: the config is written in the transformers 4 key style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PRESETS: dict[str, dict] = {
+    # ~100M parameters, Llama/Qwen2-shaped: the model the benchmarks and issue targets use.
+    "llama-100m": dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+}
+COMMON = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(dtype)
+
+    weights = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+            p + "self_attn.q_proj.weight": normal(hidden, hidden),
+            p + "self_attn.k_proj.weight": normal(kv, hidden),
+            p + "self_attn.v_proj.weight": normal(kv, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+            p + "mlp.gate_proj.weight": normal(inter, hidden),
+            p + "mlp.up_proj.weight": normal(inter, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, inter),
+        }
+    weights["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    weights["lm_head.weight"] = normal(config["vocab_size"], hidden)
+    return weights
+
+
+def write_checkpoint(out: Path, preset: str = "llama-100m", dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Write the checkpoint; ``overrides`` change config keys (e.g. num_hidden_layers=32)."""
+    config = {**PRESETS[preset], **COMMON, **overrides, "torch_dtype": str(dtype).removeprefix("torch.")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(random_weights(config, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-100m")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--layers", type=int, help="override num_hidden_layers")
+    args = parser.parse_args()
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    path = write_checkpoint(args.out, args.preset, getattr(torch, args.dtype), **overrides)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
