@@ -97,7 +97,7 @@ def same_int(a: Any, b: Any) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     try:
-        return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+        return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
     except (sympy.SympifyError, TypeError):
         return False
 
@@ -115,7 +115,8 @@ class Match:
 
 
 class _State:
-    """Partial match, copied on every branch so that a failed branch leaves no trace."""
+    """A partial match. Immutable in use: every binding step makes a copy, so each alternative the
+    search tries (operand orders, candidates) carries its own state and a dead end leaves no trace."""
 
     def __init__(self):
         self.nodes: dict[fx.Node, fx.Node] = {}
@@ -129,18 +130,15 @@ class _State:
         other.bindings, other.int_checks = dict(self.bindings), list(self.int_checks)
         return other
 
-    def restore(self, other: _State) -> None:
-        self.nodes, self.used, self.bindings, self.int_checks = (
-            other.nodes,
-            other.used,
-            other.bindings,
-            other.int_checks,
-        )
-
 
 class PatternGraph:
     """A pattern as a traced graph: placeholders are its tensor inputs, ``sentinels`` map literal values
-    to its scalar parameters' names, and its outputs are matched anchor first."""
+    to its scalar parameters' names, and its outputs are matched anchor first.
+
+    Matching is a depth-first search written as generators: each step yields every state under which
+    its subtree matches, so a choice made in one operand (which input is ``q`` in ``q * cos``) is
+    revisited when a sibling operand contradicts it.
+    """
 
     def __init__(self, graph: fx.Graph, input_names: list[str], sentinels: dict[Any, str]):
         self.graph = graph
@@ -156,37 +154,39 @@ class PatternGraph:
     # -- matching ------------------------------------------------------------------------------
 
     def match_at(self, anchor: fx.Node, mutated: set[fx.Node]) -> Match | None:
-        state = _State()
-        if not self._match_node(self.anchor, anchor, state):
-            return None
-        for extra in self.outputs[1:]:
-            if extra in state.nodes:
-                continue
-            if not self._match_extra_output(extra, state):
-                return None
-        if not self._checks_hold(state, mutated):
-            return None
-        outputs = [state.nodes[o] for o in self.outputs]
-        return Match(outputs=outputs, bindings=state.bindings, nodes=state.nodes)
+        """The first complete, safe match whose anchor output is ``anchor``, or None."""
+        for state in self._match_outputs(self.outputs, anchor, _State()):
+            if self._checks_hold(state, mutated):
+                outputs = [state.nodes[o] for o in self.outputs]
+                return Match(outputs=outputs, bindings=state.bindings, nodes=state.nodes)
+        return None
 
-    def _match_extra_output(self, pattern_node: fx.Node, state: _State) -> bool:
-        """An output outside the anchor's tree (rotary's k beside q): it must hang off something matched
-        already (the shared cos/sin), so its candidates are found by walking down from those graph
-        nodes, no deeper than the pattern itself, through ops the pattern uses."""
+    def _match_outputs(self, outputs: list[fx.Node], anchor: fx.Node | None, state: _State) -> Iterator[_State]:
+        if not outputs:
+            yield state
+            return
+        first, rest = outputs[0], outputs[1:]
+        if anchor is not None:
+            candidates = [anchor]
+        elif first in state.nodes:
+            candidates = [state.nodes[first]]
+        else:
+            candidates = self._extra_output_candidates(first, state)
+        for candidate in candidates:
+            for matched in self._match_node(first, candidate, state):
+                yield from self._match_outputs(rest, None, matched)
+
+    def _extra_output_candidates(self, pattern_node: fx.Node, state: _State) -> list[fx.Node]:
+        """An output outside the anchor's tree (rotary's k beside q) must hang off something matched
+        already (the shared cos/sin): its candidates are found by walking down from those graph nodes,
+        no deeper than the pattern itself, through ops the pattern uses."""
         targets = self._tree_targets(pattern_node)
-        depth = self._tree_depth(pattern_node)
-        seen = set(state.nodes.values()) | {v for v in state.bindings.values() if isinstance(v, fx.Node)}
+        frontier = set(state.nodes.values()) | {v for v in state.bindings.values() if isinstance(v, fx.Node)}
         candidates: set[fx.Node] = set()
-        frontier = seen
-        for _ in range(depth + 1):
+        for _ in range(self._tree_depth(pattern_node) + 1):
             frontier = {u for n in frontier for u in n.users if u.target in targets and u not in state.used}
             candidates |= {u for u in frontier if u.target == pattern_node.target}
-        for candidate in sorted(candidates):
-            saved = state.copy()
-            if self._match_node(pattern_node, candidate, state):
-                return True
-            state.restore(saved)
-        return False
+        return sorted(candidates)
 
     def _tree_targets(self, pattern_node: fx.Node) -> set:
         targets, stack = set(), [pattern_node]
@@ -201,63 +201,79 @@ class PatternGraph:
         inputs = [n for n in pattern_node.all_input_nodes if n.op == "call_function" and not is_int_node(n)]
         return 1 + max((self._tree_depth(n) for n in inputs), default=0)
 
-    def _match_node(self, pattern_node: fx.Node, target: Any, state: _State) -> bool:
+    def _match_node(self, pattern_node: fx.Node, target: Any, state: _State) -> Iterator[_State]:
         if pattern_node.op == "placeholder":
-            return self._bind(self.placeholder_names[pattern_node], target, state, tensor=True)
+            yield from self._bind(self.placeholder_names[pattern_node], target, state, tensor=True)
+            return
         if is_int_node(pattern_node):
-            state.int_checks.append((pattern_node, target))
-            return isinstance(target, int) or (isinstance(target, fx.Node) and is_int_node(target))
+            if isinstance(target, int) or (isinstance(target, fx.Node) and is_int_node(target)):
+                bound = state.copy()
+                bound.int_checks.append((pattern_node, target))
+                yield bound
+            return
         if not isinstance(target, fx.Node) or target.op != "call_function":
-            return False
+            return
         if pattern_node in state.nodes:
-            return state.nodes[pattern_node] is target
+            if state.nodes[pattern_node] is target:
+                yield state
+            return
         if target in state.used or target.target != pattern_node.target:
-            return False
+            return
         p_args, p_kwargs = normalized_args(pattern_node)
         t_args, t_kwargs = normalized_args(target)
         if len(p_args) != len(t_args) or p_kwargs.keys() != t_kwargs.keys():
-            return False
+            return
         orders = [t_args]
         if pattern_node.target in COMMUTATIVE and len(t_args) >= 2:
             orders.append([t_args[1], t_args[0], *t_args[2:]])
         for order in orders:
-            saved = state.copy()
-            state.nodes[pattern_node] = target
-            state.used[target] = pattern_node
-            if all(self._match_arg(p, t, state) for p, t in zip(p_args, order, strict=True)) and all(
-                self._match_arg(p_kwargs[k], t_kwargs[k], state) for k in p_kwargs
-            ):
-                return True
-            state.restore(saved)
-        return False
+            claimed = state.copy()
+            claimed.nodes[pattern_node] = target
+            claimed.used[target] = pattern_node
+            pairs = list(zip(p_args, order, strict=True)) + [(p_kwargs[k], t_kwargs[k]) for k in p_kwargs]
+            yield from self._match_args(pairs, claimed)
 
-    def _match_arg(self, pattern_arg: Any, target_arg: Any, state: _State) -> bool:
+    def _match_args(self, pairs: list[tuple[Any, Any]], state: _State) -> Iterator[_State]:
+        if not pairs:
+            yield state
+            return
+        (pattern_arg, target_arg), rest = pairs[0], pairs[1:]
+        for matched in self._match_arg(pattern_arg, target_arg, state):
+            yield from self._match_args(rest, matched)
+
+    def _match_arg(self, pattern_arg: Any, target_arg: Any, state: _State) -> Iterator[_State]:
         if isinstance(pattern_arg, fx.Node):
-            return self._match_node(pattern_arg, target_arg, state)
+            yield from self._match_node(pattern_arg, target_arg, state)
+            return
         if isinstance(pattern_arg, (list, tuple)):
-            return (
-                isinstance(target_arg, (list, tuple))
-                and len(pattern_arg) == len(target_arg)
-                and all(self._match_arg(p, t, state) for p, t in zip(pattern_arg, target_arg, strict=True))
-            )
+            if isinstance(target_arg, (list, tuple)) and len(pattern_arg) == len(target_arg):
+                yield from self._match_args(list(zip(pattern_arg, target_arg, strict=True)), state)
+            return
         if isinstance(pattern_arg, (int, float)) and not isinstance(pattern_arg, bool):
             name = self.sentinels.get(pattern_arg)
             if name is not None:
-                return self._bind(name, target_arg, state, tensor=False)
+                yield from self._bind(name, target_arg, state, tensor=False)
+                return
         if isinstance(target_arg, fx.Node) or type(pattern_arg) is not type(target_arg):
-            return isinstance(pattern_arg, int) and is_int_node_value(target_arg, pattern_arg)
-        return pattern_arg == target_arg
+            if isinstance(pattern_arg, int) and is_int_node_value(target_arg, pattern_arg):
+                yield state
+            return
+        if pattern_arg == target_arg:
+            yield state
 
-    def _bind(self, name: str, value: Any, state: _State, tensor: bool) -> bool:
+    def _bind(self, name: str, value: Any, state: _State, tensor: bool) -> Iterator[_State]:
         if tensor and not isinstance(value, fx.Node):
-            return False
+            return
         if not tensor and (isinstance(value, (fx.Node, bool)) or not isinstance(value, (int, float))):
-            return False
+            return
         if name in state.bindings:
             bound = state.bindings[name]
-            return bound is value if tensor else bound == value
-        state.bindings[name] = value
-        return True
+            if (bound is value) if tensor else (bound == value):
+                yield state
+            return
+        bound_state = state.copy()
+        bound_state.bindings[name] = value
+        yield bound_state
 
     # -- safety --------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from xllm_compiler.passes.cleanup.eliminate_common_subexpressions import elimina
 from xllm_compiler.passes.cleanup.eliminate_dead_code import eliminate_dead_code
 from xllm_compiler.passes.cleanup.remove_noop_ops import remove_noop_ops
 from xllm_compiler.passes.graph_pass import GraphPass, PassResult
-from xllm_compiler.passes.matcher import Match, PatternGraph
+from xllm_compiler.passes.matcher import Match, PatternGraph, same_int
 
 #: The cleanup the pipeline runs before fusion; patterns get the same, so both sides look alike.
 CANONICAL_CLEANUP = (remove_noop_ops, eliminate_common_subexpressions, eliminate_dead_code)
@@ -47,6 +47,19 @@ class Rule:
     replacement: Callable[..., Any]
     example_inputs: Callable[[], dict[str, Any]]
     check: Callable[[Match], bool] | None = None  # extra condition a match must meet
+
+
+def same_shapes(*names: str) -> Callable[[Match], bool]:
+    """A rule check: the named inputs have identical shapes (no broadcasting into a fused op)."""
+
+    def check(match: Match) -> bool:
+        shapes = [match.bindings[name].meta["val"].shape for name in names]
+        return all(
+            len(shape) == len(shapes[0]) and all(same_int(a, b) for a, b in zip(shape, shapes[0], strict=True))
+            for shape in shapes[1:]
+        )
+
+    return check
 
 
 def _sentinel(index: int, value: Any) -> Any:
@@ -174,4 +187,4 @@ class FusionPass(GraphPass):
         return PassResult(changed=count > 0, matches=count)
 
 
-__all__ = ["FusionPass", "Rule", "apply_replacement", "graph_float_dtype", "trace_pattern"]
+__all__ = ["FusionPass", "Rule", "apply_replacement", "graph_float_dtype", "same_shapes", "trace_pattern"]

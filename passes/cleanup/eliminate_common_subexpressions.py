@@ -1,7 +1,8 @@
 """Compute each pure expression once: identical calls on identical inputs become one node.
 
 Impure calls (anything that writes, such as the KV-cache update inside paged attention) are never
-merged, and nor is anything after them reading a mutated value twice: their results may differ.
+merged, nor are values that some op writes in place, nor reads of such values: two of them may
+differ even when their expressions are the same.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def eliminate_common_subexpressions(gm: fx.GraphModule) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "get_attr") or node.is_impure():
             continue
-        if any(isinstance(a, fx.Node) and a in mutated for a in node.all_input_nodes):
-            continue
+        if node in mutated or any(a in mutated for a in node.all_input_nodes):
+            continue  # a value written in place is not interchangeable with its twin
         key = (node.op, node.target, _key(node.args), _key(node.kwargs))
         if key in seen:
             node.replace_all_uses_with(seen[key])

@@ -3,6 +3,7 @@
 Before:  h = x + residual;  y = rms_norm(h, weight, eps)      (h is used again by the next layer)
 After:   y, h = xllm.fused_add_rms_norm(x, residual, weight, eps)
 Both outputs are pattern outputs, so h may have other users; the add's operands match in either order.
+Declines a broadcasting add (x and residual of different shapes): the fused op adds equal shapes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import operator
 import torch
 
 from xllm_compiler.ops import reference
-from xllm_compiler.passes.pattern_pass import FusionPass
+from xllm_compiler.passes.pattern_pass import FusionPass, same_shapes
 
 
 def pattern(x, residual, weight, eps):
@@ -30,5 +31,10 @@ def example_inputs():
 
 
 fuse_add_rms_norm = FusionPass(
-    "fuse_add_rms_norm", version=1, pattern=pattern, replacement=replacement, example_inputs=example_inputs
+    "fuse_add_rms_norm",
+    version=2,
+    pattern=pattern,
+    replacement=replacement,
+    example_inputs=example_inputs,
+    check=same_shapes("x", "residual"),
 )

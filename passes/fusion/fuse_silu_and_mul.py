@@ -3,7 +3,7 @@
 Before:  gate, up = split(gate_up, [i, i]);  y = silu(gate) * up
 After:   y = xllm.silu_and_mul(gate_up)
 Two rules: the merged form merge_gate_up_projections leaves (no copy), and, when that merge is
-disabled, separate gate/up tensors (then concatenated, which costs one copy).
+disabled, separate gate/up tensors of the same shape (then concatenated, which costs one copy).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from xllm_compiler.ops import reference
-from xllm_compiler.passes.pattern_pass import FusionPass, Rule
+from xllm_compiler.passes.pattern_pass import FusionPass, Rule, same_shapes
 
 aten = torch.ops.aten
 
@@ -36,9 +36,14 @@ def separate_replacement(gate, up):
 
 fuse_silu_and_mul = FusionPass(
     "fuse_silu_and_mul",
-    version=1,
+    version=2,
     rules=[
         Rule(merged_pattern, merged_replacement, lambda: dict(gate_up=torch.randn(6, 32))),
-        Rule(separate_pattern, separate_replacement, lambda: dict(gate=torch.randn(6, 16), up=torch.randn(6, 16))),
+        Rule(
+            separate_pattern,
+            separate_replacement,
+            lambda: dict(gate=torch.randn(6, 16), up=torch.randn(6, 16)),
+            check=same_shapes("gate", "up"),
+        ),
     ],
 )

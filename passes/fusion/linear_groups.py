@@ -61,8 +61,13 @@ def merge_linears(graph: fx.Graph, linears: list[fx.Node], merged: str) -> bool:
         return False
     fake_mode = detect_fake_mode([w.meta["val"] for w in weights])
     sizes = [int(w.meta["val"].shape[0]) for w in weights]
-    first = min(linears)
-    with graph.inserting_before(first):
+    # The merged linear goes right after the last value it reads; every user of the old linears must
+    # come after that point, or the group is declined rather than reordered.
+    last_input = max([x, *weights, *(b for b in biases if b is not None)])
+    users = [u for n in linears for u in n.users]
+    if any(u < last_input for u in users):
+        return False
+    with graph.inserting_before(last_input.next):
         weight = graph.call_function(aten.cat.default, (weights, 0))
         weight.meta["constant_name"] = merged_weight_name(weights[0].target, merged)
         bias = None
