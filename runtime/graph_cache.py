@@ -1,19 +1,24 @@
 """The per-shape graph cache: pick the smallest bucket a step fits, else the dynamic fallback graph.
 
-All graph files are parsed and checked when the artifact loads (so a bad one fails in ``load()``);
-the executable GraphModule of each is built on first use.
+Every graph file is parsed and checked when the artifact loads (so a bad one fails in ``load()``);
+a graph's executable GraphModule is built when a step first needs it, and at most ``max_resident``
+of them stay built (least recently used go first; a later step builds them again).
+
+Counters (``CompiledModel.stats()``): ``hits`` (a step ran on a resident bucket graph), ``misses``
+(its bucket graph had to be built first), ``fallbacks`` (no bucket held the step), ``padded_tokens``
+(tokens of padding the buckets added), ``steps``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from xllm_compiler.buckets.policy import Bucket
-from xllm_compiler.errors import ArtifactError
+from xllm_compiler.errors import ArtifactError, OptionsError
 
 FALLBACK = "dynamic"
 
@@ -28,7 +33,13 @@ class Choice:
 
 
 class GraphCache:
-    def __init__(self, graphs: dict[str, fx.Graph], buckets: list[Bucket], weights: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        graphs: dict[str, fx.Graph],
+        buckets: list[Bucket],
+        weights: dict[str, torch.Tensor],
+        max_resident: int | None = None,
+    ):
         if FALLBACK not in graphs:
             raise ArtifactError(f"the artifact has no '{FALLBACK}' fallback graph")
         missing = [b.name for b in buckets if b.name not in graphs]
@@ -38,23 +49,37 @@ class GraphCache:
             for node in graph.nodes:
                 if node.op == "get_attr" and node.target not in weights:
                     raise ArtifactError(f"graph {name} uses weight '{node.target}', which weights.safetensors lacks")
+        if max_resident is not None and (isinstance(max_resident, bool) or max_resident < 1):
+            raise OptionsError(f"max_resident_graphs must be a positive integer, got {max_resident!r}")
         self._graphs = graphs
         self._weights = weights
-        self._modules: dict[str, fx.GraphModule] = {}
+        self._resident: OrderedDict[str, fx.GraphModule] = OrderedDict()
+        self.max_resident = max_resident
         self.buckets = sorted(buckets, key=lambda b: (b.num_tokens, b.num_seqs))
         self.counters: Counter[str] = Counter()
 
     def choose(self, phase: str, num_tokens: int, num_seqs: int) -> Choice:
         """The smallest bucket of ``phase`` holding the step, else the fallback at the exact size."""
+        self.counters["steps"] += 1
         for bucket in self.buckets:
             if bucket.phase == phase and bucket.num_tokens >= num_tokens and bucket.num_seqs >= num_seqs:
-                self.counters["hits"] += 1
                 self.counters["padded_tokens"] += bucket.num_tokens - num_tokens
+                self.counters["hits" if bucket.name in self._resident else "misses"] += 1
                 return Choice(bucket.name, bucket.num_tokens, bucket.num_seqs)
         self.counters["fallbacks"] += 1
         return Choice(FALLBACK, num_tokens, num_seqs)
 
     def module(self, name: str) -> fx.GraphModule:
-        if name not in self._modules:
-            self._modules[name] = fx.GraphModule(self._weights, self._graphs[name])
-        return self._modules[name]
+        """The executable graph ``name``, built if it is not resident (evicting the least recent)."""
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return self._resident[name]
+        module = fx.GraphModule(self._weights, self._graphs[name])
+        self._resident[name] = module
+        if self.max_resident is not None:
+            while len(self._resident) > self.max_resident:
+                self._resident.popitem(last=False)
+        return module
+
+    def resident(self) -> list[str]:
+        return list(self._resident)

@@ -68,9 +68,12 @@ def default_kv_blocks(manifest: dict[str, Any]) -> int:
     return max_batch * per_seq + RESERVED_BLOCKS
 
 
-def load(path: str | Path, device: str | None = None, kv_blocks: int | None = None) -> CompiledModel:
+def load(
+    path: str | Path, device: str | None = None, kv_blocks: int | None = None, max_resident_graphs: int | None = None
+) -> CompiledModel:
     """Load a compiled artifact. ``device`` defaults to the one it was compiled for; ``kv_blocks`` sizes
-    the KV pool (default: the largest decode bucket of full-length sequences)."""
+    the KV pool (default: the largest decode bucket of full-length sequences); ``max_resident_graphs``
+    bounds how many bucket graphs stay built at once (default: all)."""
     root = Path(path)
     manifest = read_manifest(root)
     platform = get_platform(device or _field(manifest, "target_device"))
@@ -89,7 +92,7 @@ def load(path: str | Path, device: str | None = None, kv_blocks: int | None = No
         buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
     except (TypeError, KeyError, ValueError):
         raise ArtifactError("manifest.json has a malformed 'buckets' entry") from None
-    cache = GraphCache(graphs, buckets, weights)
+    cache = GraphCache(graphs, buckets, weights, max_resident_graphs)
 
     model = _field(manifest, "model")
     dtype_name = model.get("dtype")

@@ -471,7 +471,7 @@ def test_existing_out_dir_is_refused_without_force(llama_dir, tmp_path, capsys):
     fill_dir(out)
     before = snapshot(out)
     with pytest.raises(OutputDirError) as info:
-        xllm_compiler.compile(llama_dir, out, **SMALL)
+        xllm_compiler.compile(llama_dir, out, cache_dir="", **SMALL)  # the build path, not a cache hit
     assert_message(info.value, out, "not empty", "--force")
     assert snapshot(out) == before
     rc, _, err = call(cli.main, [llama_dir, out, "--quiet", *SMALL_ARGS], capsys)
@@ -485,7 +485,7 @@ def test_out_dir_that_is_a_file_is_refused_even_with_force(llama_dir, tmp_path, 
     out = tmp_path / "out"
     out.write_text("not a folder\n")
     with pytest.raises(OutputDirError) as info:
-        xllm_compiler.compile(llama_dir, out, force=True, **SMALL)
+        xllm_compiler.compile(llama_dir, out, force=True, cache_dir="", **SMALL)
     assert_message(info.value, out, "not a directory")
     rc, _, err = call(cli.main, [llama_dir, out, "--force", "--quiet", *SMALL_ARGS], capsys)
     assert rc == 2
@@ -558,7 +558,7 @@ def test_failure_in_write_stage_leaves_nothing(llama_dir, tmp_path, monkeypatch,
     seen = fail_in_write(monkeypatch, where, exc)
     out = tmp_path / "out"
     with pytest.raises(exc):
-        xllm_compiler.compile(llama_dir, out, **SMALL)
+        xllm_compiler.compile(llama_dir, out, cache_dir="", **SMALL)  # the build path, not a cache hit
     assert seen and "weights.safetensors" in seen[0], "the failure did not happen mid-write"
     assert_nothing_left(out)
 
@@ -571,7 +571,7 @@ def test_failure_in_write_stage_with_force_keeps_existing_out_dir(
     before = snapshot(out)
     seen = fail_in_write(monkeypatch, where, exc)
     with pytest.raises(exc):
-        xllm_compiler.compile(llama_dir, out, force=True, **SMALL)
+        xllm_compiler.compile(llama_dir, out, force=True, cache_dir="", **SMALL)
     assert seen, "the failure did not happen mid-write"
     assert snapshot(out) == before
     assert leftovers(out) == []
@@ -591,7 +591,7 @@ def test_failure_while_swapping_in_the_artifact_keeps_existing_out_dir(artifact,
 
     monkeypatch.setattr(Path, "rename", failing_rename)
     with pytest.raises(exc):
-        xllm_compiler.compile(llama_dir, out, force=True, **SMALL)
+        xllm_compiler.compile(llama_dir, out, force=True, cache_dir="", **SMALL)
     monkeypatch.undo()
     assert out.is_dir() and snapshot(out) == before
     assert leftovers(out) == []
@@ -609,7 +609,7 @@ def test_failure_in_write_stage_cli(llama_dir, tmp_path, capsys, monkeypatch, ex
         fill_dir(out)
     before = snapshot(out) if existing else None
     fail_in_write(monkeypatch, "write_manifest", exc)
-    rc, stdout, err = call(cli.main, [llama_dir, out, "--quiet", "--force", *SMALL_ARGS], capsys)
+    rc, stdout, err = call(cli.main, [llama_dir, out, "--quiet", "--force", "--no-cache", *SMALL_ARGS], capsys)
     assert rc == code
     assert stdout == ""
     assert_one_line(err, "xllm-compile", *fragments)

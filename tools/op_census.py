@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import xllm_compiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_checkpoint import write_checkpoint  # noqa: E402  (a sibling tool, not a package)
+from random_checkpoint import write_checkpoint
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"{model_dir} ({args.dtype}, decode batch {args.batch})")
     print(f"{'':12} {'graph nodes':>12} {'aten ops/step':>14} {'xllm ops/step':>14} {'pass seconds':>13}")
     for name, row in rows.items():
-        print(f"{name:12} {row['graph_nodes']:>12} {row['aten_ops']:>14} {row['xllm_ops']:>14} {row['pass_seconds']:>13.3f}")
+        counts = f"{row['graph_nodes']:>12} {row['aten_ops']:>14} {row['xllm_ops']:>14}"
+        print(f"{name:12} {counts} {row['pass_seconds']:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=2048,
     ),
 }
-COMMON = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
+)
 
 
 def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ def compile(
     return compile_model(model_dir, out_dir, make_options(**options), extra_passes=list(extra_passes))
 
 
-def load(out_dir: str | Path, device: str | None = None, kv_blocks: int | None = None) -> CompiledModel:
+def load(
+    out_dir: str | Path, device: str | None = None, kv_blocks: int | None = None, max_resident_graphs: int | None = None
+) -> CompiledModel:
     """Load a compiled artifact; see ``xllm_compiler.runtime.load``."""
-    return _load(out_dir, device=device, kv_blocks=kv_blocks)
+    return _load(out_dir, device=device, kv_blocks=kv_blocks, max_resident_graphs=max_resident_graphs)

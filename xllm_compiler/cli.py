@@ -28,6 +28,10 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--passes", metavar="P,P,...|none", help="run only these passes (pipeline order)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
     parser.add_argument("--verify", action="store_true", help="check every pass's numerics on sample inputs")
+    parser.add_argument("--buckets-from", metavar="TRACE.jsonl", help="choose buckets that fit this trace of steps")
+    parser.add_argument("--num-buckets", type=int, metavar="K", help="with --buckets-from: buckets per phase")
+    parser.add_argument("--cache-dir", metavar="DIR", help="compile cache (default ~/.cache/xllm_compiler)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor fill the compile cache")
     parser.add_argument("--debug-dump", metavar="DIR", help="write the graph before and after every pass to DIR")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary")
@@ -52,11 +56,21 @@ def summary_table(report: dict) -> Table:
                     str(p["matches"]),
                 )
     graph = report["graph"]
+    buckets = sum(len(phase["buckets"]) for phase in report["buckets"].values())
+    cached = " (from the compile cache)" if report["cache"]["hit"] else ""
     table.caption = (
         f"{report['model']['architecture']}, {report['model']['parameters']:,} parameters, "
         f"{report['model']['dtype']}; nodes {graph['nodes_captured']} -> {graph['nodes_after_passes']}; "
-        f"{len(report['buckets'])} buckets; {report['total_seconds']:.2f} s"
+        f"{buckets} buckets; {report['total_seconds']:.2f} s{cached}"
     )
+    for phase, entry in report["buckets"].items():
+        if "trace" in entry:
+            trace = entry["trace"]
+            table.caption += (
+                f"\n{phase} buckets {[b['num_tokens'] for b in entry['buckets']]}: expected padding "
+                f"{trace['padding_fraction']:.1%} of the trace's tokens (default series {trace['default_series']}: "
+                f"{trace['default_padding_fraction']:.1%})"
+            )
     return table
 
 
@@ -78,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,
             debug_dump=args.debug_dump,
+            buckets_from=args.buckets_from,
+            num_buckets=args.num_buckets,
+            cache_dir="" if args.no_cache else args.cache_dir,
             force=args.force,
         )
         if args.quiet:

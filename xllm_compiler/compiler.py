@@ -1,16 +1,26 @@
-"""The compile pipeline: checkpoint -> capture -> passes -> buckets -> artifact, one stage at a time."""
+"""The compile pipeline: checkpoint -> capture -> passes -> buckets -> artifact, one stage at a time.
+
+``plan_compile`` settles everything the output depends on (model, dtype, lengths, buckets, passes,
+the checkpoint's hash) into a cache key before any heavy work; a compile cache hit then assembles the
+artifact from the cached entry, and a miss runs the stages and fills the cache.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import fx
 
 from xllm_compiler import __version__
-from xllm_compiler.artifact.manifest import FORMAT_VERSION, file_entries, sha256_file, write_manifest
+from xllm_compiler.artifact.graph_format import GRAPH_FORMAT_VERSION
+from xllm_compiler.artifact.manifest import FORMAT_VERSION, MANIFEST, file_entries, write_manifest
 from xllm_compiler.artifact.writer import (
     check_output_dir,
     referenced_weights,
@@ -18,7 +28,9 @@ from xllm_compiler.artifact.writer import (
     write_graph,
     write_weights,
 )
-from xllm_compiler.buckets import Bucket, make_buckets, specialize
+from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets, specialize
+from xllm_compiler.buckets.traffic import Trace, best_buckets, padded_tokens, padding_fraction, read_trace
+from xllm_compiler.cache import CompileCache, cache_key, default_cache_dir
 from xllm_compiler.capture import capture
 from xllm_compiler.errors import OptionsError
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
@@ -45,14 +57,16 @@ SOURCE_PATTERNS = (
     "tokenizer.json",
 )
 TOKENIZER_FILE = "tokenizer.json"
+REPORT_FILE = "report.json"
 
 
-def source_sha256(model_dir: Path) -> str:
+def source_sha256(model_dir: Path, cache: CompileCache | None = None) -> str:
     """One sha256 over the checkpoint's defining files (names and contents)."""
+    hasher = cache or CompileCache(None)
     digest = hashlib.sha256()
     files = sorted({p for pattern in SOURCE_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
     for path in files:
-        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+        digest.update(f"{path.name}\0{hasher.file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -73,6 +87,74 @@ def resolve_max_seq_len(options: CompileOptions, spec: ModelSpec) -> int:
     return options.max_seq_len
 
 
+def resolve_cache(options: CompileOptions) -> CompileCache:
+    if options.cache_dir == "":
+        return CompileCache(None)
+    return CompileCache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
+
+
+@dataclass
+class CompilePlan:
+    """Everything a compile's output depends on, decided before the heavy stages run."""
+
+    model_dir: Path
+    spec: ModelSpec
+    dtype: torch.dtype
+    max_seq_len: int
+    buckets: list[Bucket]
+    device: str
+    passes: list[GraphPass]
+    source_sha256: str
+    trace: Trace | None
+    key: str
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def _bucket_sizes(
+    options: CompileOptions, trace: Trace | None, max_seq_len: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    decode = options.decode_buckets or DEFAULT_DECODE_BUCKETS
+    prefill = options.prefill_buckets or DEFAULT_PREFILL_BUCKETS
+    if trace is None:
+        return decode, prefill
+    chosen_decode = best_buckets(trace.sizes[DECODE], options.num_buckets or len(decode))
+    chosen_prefill = best_buckets(trace.sizes[PREFILL], options.num_buckets or len(prefill), limit=max_seq_len)
+    return tuple(chosen_decode) or decode, tuple(chosen_prefill) or prefill
+
+
+def plan_compile(
+    model_dir: Path, options: CompileOptions, device: str, passes: list[GraphPass], cache: CompileCache
+) -> CompilePlan:
+    spec = load_spec(model_dir)
+    dtype = resolve_dtype(options, spec)
+    max_seq_len = resolve_max_seq_len(options, spec)
+    trace = read_trace(Path(options.buckets_from)) if options.buckets_from else None
+    decode, prefill = _bucket_sizes(options, trace, max_seq_len)
+    explicit = options.prefill_buckets is not None and trace is None
+    buckets = make_buckets(decode, prefill, max_seq_len, explicit_prefill=explicit)
+    source = source_sha256(model_dir, cache)
+    key = cache_key(
+        {
+            "format_version": FORMAT_VERSION,
+            "graph_format_version": GRAPH_FORMAT_VERSION,
+            "xllm_compiler": __version__,
+            "torch": torch.__version__,
+            "source_sha256": source,
+            "dtype": str(dtype),
+            "device": device,
+            "max_seq_len": max_seq_len,
+            "block_size": options.block_size,
+            "buckets": [b.to_json() for b in buckets],
+            "passes": [[p.name, p.version, p.identity()] for p in passes],
+            "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
+        }
+    )
+    return CompilePlan(model_dir, spec, dtype, max_seq_len, buckets, device, passes, source, trace, key)
+
+
 def compile_model(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -85,20 +167,26 @@ def compile_model(
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
     passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
+    cache = resolve_cache(options)
     report = CompileReport(listener=listener)
+    with report.stage("config", "Reading config.json and planning"):
+        plan = plan_compile(model_dir, options, platform.name, passes, cache)
+    entry = None if options.debug_dump or options.verify else cache.lookup(plan.key)
+    if entry is not None:
+        with staged_output(out_dir, options.force, model_dir) as root:
+            with report.stage("cache", "Reusing the cached compile"):
+                manifest = _restore(entry, root, plan, report)
+            _finish(root, manifest, report, [rel for rel in manifest["files"] if rel != REPORT_FILE])
+    else:
+        _build(plan, options, report, out_dir)
+        cache.store(plan.key, out_dir)
+    return report.to_json()
 
-    with report.stage("config", "Reading config.json"):
-        spec = load_spec(model_dir)
-        dtype = resolve_dtype(options, spec)
-        max_seq_len = resolve_max_seq_len(options, spec)
-        buckets = make_buckets(
-            options.decode_buckets or DEFAULT_DECODE_BUCKETS,
-            options.prefill_buckets or DEFAULT_PREFILL_BUCKETS,
-            max_seq_len,
-            explicit_prefill=options.prefill_buckets is not None,
-        )
+
+def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, out_dir: Path) -> None:
+    spec, dtype = plan.spec, plan.dtype
     with report.stage("weights", "Loading weights"):
-        model = build_model(model_dir, dtype, max_seq_len, spec)
+        model = build_model(plan.model_dir, dtype, plan.max_seq_len, spec)
         parameters = sum(p.numel() for p in model.parameters())
     kv_specs = [
         kv_cache_input(i, dtype, options.block_size, spec.num_kv_heads, spec.head_dim) for i in range(spec.num_layers)
@@ -110,10 +198,14 @@ def compile_model(
     with report.stage("passes", "Running graph passes"):
         check = NumericsCheck(gm, dtype) if options.verify else None
         dump = Path(options.debug_dump) if options.debug_dump else None
-        records = PassManager(passes, check=check, dump_dir=dump).run(gm)
+        records = PassManager(plan.passes, check=check, dump_dir=dump).run(gm)
+    bucket_graphs: dict[Bucket, fx.GraphModule] = {}
+    seconds: dict[Bucket, float] = {}
     with report.stage("buckets", "Specialising buckets"):
-        bucket_graphs = {bucket: specialize(gm, bucket) for bucket in buckets}
-
+        for bucket in plan.buckets:
+            start = time.perf_counter()
+            bucket_graphs[bucket] = specialize(gm, bucket)
+            seconds[bucket] = time.perf_counter() - start
     report.sections.update(
         {
             "xllm_compiler_version": __version__,
@@ -122,60 +214,94 @@ def compile_model(
                 "architecture": spec.architecture,
                 "num_layers": spec.num_layers,
                 "parameters": parameters,
-                "dtype": str(dtype).removeprefix("torch."),
+                "dtype": plan.dtype_name,
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records],
-            "buckets": [{**b.to_json(), "nodes": count_nodes(g)} for b, g in bucket_graphs.items()],
+            "buckets": _bucket_report(plan, bucket_graphs, seconds),
+            "cache": {"key": plan.key, "hit": False},
         }
     )
-    with report.stage("write", "Writing the artifact"), staged_output(out_dir, options.force, model_dir) as root:
-        files = [write_weights(root, referenced_weights([gm, *bucket_graphs.values()]))]
-        graph_files = {"dynamic": write_graph(root, "dynamic", gm)}
-        graph_files.update({b.name: write_graph(root, b.name, g) for b, g in bucket_graphs.items()})
-        files += graph_files.values()
-        if (model_dir / TOKENIZER_FILE).is_file():
-            shutil.copyfile(model_dir / TOKENIZER_FILE, root / TOKENIZER_FILE)
-            files.append(TOKENIZER_FILE)
-        manifest = _manifest(model_dir, spec, dtype, max_seq_len, options, platform.name, buckets, graph_files, records)
-        report_json = report.to_json()
-        (root / "report.json").write_text(_dumps(report_json))
-        files.append("report.json")
-        manifest["files"] = file_entries(root, files)
-        write_manifest(root, manifest)
-    return report.to_json()
+    with staged_output(out_dir, options.force, plan.model_dir) as root:
+        with report.stage("write", "Writing the artifact"):
+            files = [write_weights(root, referenced_weights([gm, *bucket_graphs.values()]))]
+            graph_files = {"dynamic": write_graph(root, "dynamic", gm)}
+            graph_files.update({b.name: write_graph(root, b.name, g) for b, g in bucket_graphs.items()})
+            files += graph_files.values()
+            if (plan.model_dir / TOKENIZER_FILE).is_file():
+                shutil.copyfile(plan.model_dir / TOKENIZER_FILE, root / TOKENIZER_FILE)
+                files.append(TOKENIZER_FILE)
+        _finish(root, _manifest(plan, options, graph_files, records), report, files)
 
 
-def _dumps(data: Any) -> str:
-    import json
+def _finish(root: Path, manifest: dict[str, Any], report: CompileReport, files: list[str]) -> None:
+    """Write report.json, then the manifest with the hash of every file (the report's included)."""
+    (root / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    manifest["files"] = file_entries(root, [*files, REPORT_FILE])
+    write_manifest(root, manifest)
 
-    return json.dumps(data, indent=2) + "\n"
+
+def _restore(entry: Path, root: Path, plan: CompilePlan, report: CompileReport) -> dict[str, Any]:
+    """Fill ``root`` from a cache entry; returns its manifest, to be rewritten with this compile's report."""
+    cached_report = json.loads((entry / REPORT_FILE).read_text())
+    manifest = json.loads((entry / MANIFEST).read_text())
+    CompileCache.restore(entry, root, skip={REPORT_FILE, MANIFEST})
+    report.sections.update({k: v for k, v in cached_report.items() if k not in ("stages", "total_seconds")})
+    report.sections["cache"] = {"key": plan.key, "hit": True}
+    manifest["source"]["path"] = str(plan.model_dir.absolute())
+    return manifest
 
 
-def _manifest(
-    model_dir: Path,
-    spec: ModelSpec,
-    dtype: torch.dtype,
-    max_seq_len: int,
-    options: CompileOptions,
-    device: str,
-    buckets: list[Bucket],
-    graph_files: dict[str, str],
-    records,
-) -> dict[str, Any]:
+def _bucket_report(plan: CompilePlan, graphs: dict[Bucket, fx.GraphModule], seconds: dict[Bucket, float]) -> dict:
+    """Per phase: each bucket's size, specialisation time and nodes, and padding against the trace."""
+    report: dict[str, Any] = {}
+    defaults = {DECODE: DEFAULT_DECODE_BUCKETS, PREFILL: DEFAULT_PREFILL_BUCKETS}
+    for phase in (DECODE, PREFILL):
+        sizes = sorted(b.num_tokens for b in plan.buckets if b.phase == phase)
+        entries = []
+        for bucket in sorted((b for b in plan.buckets if b.phase == phase), key=lambda b: b.num_tokens):
+            entry = {**bucket.to_json(), "seconds": round(seconds[bucket], 5), "nodes": count_nodes(graphs[bucket])}
+            if plan.trace is not None:
+                entry["padding_fraction"] = _bucket_padding(plan.trace.sizes[phase], sizes, bucket.num_tokens)
+            entries.append(entry)
+        report[phase] = {"buckets": entries}
+        if plan.trace is not None and plan.trace.sizes[phase]:
+            counts = plan.trace.sizes[phase]
+            default = [s for s in defaults[phase] if phase == DECODE or s <= plan.max_seq_len]
+            report[phase]["trace"] = {
+                "steps": sum(counts.values()),
+                "padding_fraction": round(padding_fraction(counts, sizes), 5),
+                "default_series": default[: len(sizes)] if len(default) > len(sizes) else default,
+                "default_padding_fraction": round(padding_fraction(counts, default[: len(sizes)] or default), 5),
+            }
+    return report
+
+
+def _bucket_padding(counts, sizes: list[int], bucket: int) -> float:
+    """Padding fraction of the trace steps that land on ``bucket``."""
+    below = max((s for s in sizes if s < bucket), default=0)
+    landing = {s: c for s, c in counts.items() if below < s <= bucket}
+    real = sum(s * c for s, c in landing.items())
+    return round(padded_tokens(landing, [bucket]) / real, 5) if real else 0.0
+
+
+def _manifest(plan: CompilePlan, options: CompileOptions, graph_files: dict[str, str], records: list) -> dict[str, Any]:
+    spec = plan.spec
     return {
         "format_version": FORMAT_VERSION,
         "created_by": {"xllm_compiler": __version__, "torch": torch.__version__},
-        "source": {"path": str(model_dir.absolute()), "sha256": source_sha256(model_dir)},
+        "source": {"path": str(plan.model_dir.absolute()), "sha256": plan.source_sha256},
+        "cache_key": plan.key,
         "options": {
             "dtype": options.dtype,
             "device": options.device,
-            "decode_buckets": list(options.decode_buckets or DEFAULT_DECODE_BUCKETS),
-            "prefill_buckets": [b.num_tokens for b in buckets if b.phase == "prefill"],
-            "max_seq_len": max_seq_len,
+            "decode_buckets": [b.num_tokens for b in plan.buckets if b.phase == DECODE],
+            "prefill_buckets": [b.num_tokens for b in plan.buckets if b.phase == PREFILL],
+            "max_seq_len": plan.max_seq_len,
             "block_size": options.block_size,
-            "passes": options.passes,
+            "passes": list(options.passes) if options.passes is not None else None,
             "disable_passes": list(options.disable_passes),
+            "buckets_from": options.buckets_from,
         },
         "model": {
             "architecture": spec.architecture,
@@ -183,18 +309,18 @@ def _manifest(
             "num_layers": spec.num_layers,
             "num_kv_heads": spec.num_kv_heads,
             "head_dim": spec.head_dim,
-            "dtype": str(dtype).removeprefix("torch."),
-            "max_seq_len": max_seq_len,
+            "dtype": plan.dtype_name,
+            "max_seq_len": plan.max_seq_len,
             "bos_token_id": spec.bos_token_id,
             "eos_token_ids": list(spec.eos_token_ids),
         },
-        "target_device": device,
+        "target_device": plan.device,
         "kv_cache": {"block_size": options.block_size, "reserved_blocks": RESERVED_BLOCKS},
         "inputs": [
             {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)} for s in STEP_INPUTS
         ],
         "passes": [{"name": r.name, "version": r.version} for r in records],
-        "buckets": [b.to_json() for b in buckets],
+        "buckets": [b.to_json() for b in plan.buckets],
         "graphs": graph_files,
-        "tokenizer": TOKENIZER_FILE if (model_dir / TOKENIZER_FILE).is_file() else None,
+        "tokenizer": TOKENIZER_FILE if (plan.model_dir / TOKENIZER_FILE).is_file() else None,
     }

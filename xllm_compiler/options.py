@@ -43,6 +43,12 @@ class CompileOptions:
     """Tokens per KV-cache block."""
     debug_dump: str | None = None
     """Folder to write the graph's code to before and after every pass."""
+    buckets_from: str | None = None
+    """A JSONL trace of step shapes; buckets are chosen to minimise its expected padding."""
+    num_buckets: int | None = None
+    """With buckets_from: buckets per phase (default: as many as the default series has)."""
+    cache_dir: str | None = None
+    """Compile cache folder; None means the default (see xllm_compiler.cache), '' disables it."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -104,4 +110,15 @@ def make_options(**kwargs) -> CompileOptions:
         verify=bool(kwargs.get("verify", False)),
         block_size=block_size,
         debug_dump=None if kwargs.get("debug_dump") is None else str(kwargs["debug_dump"]),
+        buckets_from=None if kwargs.get("buckets_from") is None else str(kwargs["buckets_from"]),
+        num_buckets=_positive_or_none(kwargs.get("num_buckets"), "num_buckets"),
+        cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
     )
+
+
+def _positive_or_none(value, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionsError(f"{what} must be a positive integer, got {value!r}")
+    return value

@@ -27,9 +27,10 @@ DIM_MAX = 1 << 20
 
 
 def example_sizes(specs: Sequence[InputSpec]) -> dict[str, int]:
-    """Distinct sizes >= 3 per named dim, so that export neither specialises 0/1 nor merges dims."""
+    """Distinct sizes per named dim (so export neither specialises 0/1 nor merges dims), multiples of
+    16 (so that a model's divisibility checks on them hold while tracing)."""
     dims = sorted({d for spec in specs for d in spec.shape if isinstance(d, str)})
-    return {name: 3 + 2 * i for i, name in enumerate(dims)}
+    return {name: 16 * (i + 1) for i, name in enumerate(dims)}
 
 
 def example_tensor(spec: InputSpec, sizes: dict[str, int]) -> torch.Tensor:
