@@ -142,6 +142,15 @@ PYTHON_OPS: dict[str, Callable] = {
     "operator.floordiv": operator.floordiv,
     "operator.mod": operator.mod,
     "operator.neg": operator.neg,
+    "operator.eq": operator.eq,
+    "operator.ne": operator.ne,
+    "operator.lt": operator.lt,
+    "operator.le": operator.le,
+    "operator.gt": operator.gt,
+    "operator.ge": operator.ge,
+    "torch.sym_not": torch.sym_not,
+    "torch.sym_max": torch.sym_max,
+    "torch.sym_min": torch.sym_min,
 }
 
 

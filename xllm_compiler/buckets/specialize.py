@@ -9,8 +9,6 @@ its symbolic shapes; ``gm.meta["sizes"]`` says how to evaluate them for this buc
 
 from __future__ import annotations
 
-import operator
-
 import sympy
 import torch
 from torch import fx
@@ -18,21 +16,6 @@ from torch.fx.node import map_arg
 
 from xllm_compiler.buckets.policy import Bucket
 from xllm_compiler.errors import OptionsError
-
-_SCALAR_OPS = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.floordiv,
-    operator.mod,
-    operator.neg,
-    operator.eq,
-    operator.ne,
-    operator.lt,
-    operator.le,
-    operator.gt,
-    operator.ge,
-}
 
 
 def substitutions(gm: fx.GraphModule, sizes: dict[str, int]) -> dict[sympy.Symbol, int]:
@@ -53,31 +36,38 @@ def evaluate(expr, subs: dict[sympy.Symbol, int]) -> int | bool | None:
     return None
 
 
-def check_ranges(gm: fx.GraphModule, bucket: Bucket) -> None:
-    """Refuse a bucket outside the range export recorded for one of its dims."""
-    for name, size in bucket.sizes().items():
-        lower, upper = gm.meta.get("ranges", {}).get(name, (1, size))
-        if not lower <= size <= upper:
-            raise OptionsError(f"bucket {bucket.name}: {name}={size} violates the guard {lower} <= {name} <= {upper}")
+def check_guards(gm: fx.GraphModule, bucket: Bucket) -> None:
+    """Refuse a bucket for which one of the graph's recorded guards (ranges, divisibility) is false."""
+    subs = substitutions(gm, bucket.sizes())
+    names = {symbol: sympy.Symbol(name) for name, symbol in gm.meta["symbols"].items()}
+    for guard in gm.meta.get("guards", []):
+        if evaluate(guard, subs) is False:
+            readable = sympy.sympify(guard).subs(names)
+            sizes = ", ".join(f"{k}={v}" for k, v in bucket.sizes().items())
+            raise OptionsError(f"bucket {bucket.name} ({sizes}) violates the guard {readable}")
 
 
-def _fold(node: fx.Node, subs, constants: dict[fx.Node, int | bool]) -> int | bool | None:
+def _fold(node: fx.Node, subs: dict[sympy.Symbol, int]) -> int | bool | None:
+    """The constant an int- or bool-valued node (sizes, arithmetic and comparisons on them) takes for
+    this bucket; None for tensor nodes and for values that stay symbolic."""
     if node.op != "call_function":
         return None
-    if node.target is torch.ops.aten.sym_size.int:
-        return evaluate(node.meta["val"], subs)
-    if node.target in _SCALAR_OPS:
-        values = [constants.get(a) if isinstance(a, fx.Node) else a for a in node.args]
-        if all(isinstance(v, int) for v in values):
-            return node.target(*values)
-        value = node.meta.get("val")
-        return evaluate(value, subs) if value is not None else None
+    value = node.meta.get("val")
+    if isinstance(value, (torch.SymInt, torch.SymBool, int)) and not isinstance(value, bool):
+        return evaluate(value, subs)
     return None
+
+
+def _guard_text(condition: fx.Node, gm: fx.GraphModule) -> str:
+    names = {symbol: sympy.Symbol(name) for name, symbol in gm.meta["symbols"].items()}
+    value = condition.meta.get("val") if isinstance(condition, fx.Node) else condition
+    expr = value.node.expr if isinstance(value, torch.SymBool) else value
+    return str(sympy.sympify(expr).subs(names))
 
 
 def specialize(gm: fx.GraphModule, bucket: Bucket) -> fx.GraphModule:
     """A copy of ``gm`` (sharing its weights) specialised to ``bucket``."""
-    check_ranges(gm, bucket)
+    check_guards(gm, bucket)
     subs = substitutions(gm, bucket.sizes())
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
@@ -87,11 +77,12 @@ def specialize(gm: fx.GraphModule, bucket: Bucket) -> fx.GraphModule:
             condition = node.args[0]
             holds = constants.get(condition) if isinstance(condition, fx.Node) else condition
             if holds is False:
-                raise OptionsError(f"bucket {bucket.name}: violates the guard '{node.args[1]}'")
+                sizes = ", ".join(f"{k}={v}" for k, v in bucket.sizes().items())
+                raise OptionsError(f"bucket {bucket.name} ({sizes}) violates the guard {_guard_text(condition, gm)}")
             if holds is True:
                 graph.erase_node(node)
             continue
-        value = _fold(node, subs, constants)
+        value = _fold(node, subs)
         if value is not None:
             constants[node] = value
     for node in graph.nodes:

@@ -13,10 +13,12 @@ the level our patterns are written at; trace-time ``_assert_tensor_metadata`` ch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sympy
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 from torch.export import Dim
 
 from xllm_compiler.errors import CompileError
@@ -38,18 +40,33 @@ def example_tensor(spec: InputSpec, sizes: dict[str, int]) -> torch.Tensor:
 
 
 def capture(module: torch.nn.Module, inputs: Sequence[InputSpec], kv_inputs: Sequence[InputSpec]) -> fx.GraphModule:
-    """Export ``module(*inputs, [kv caches])`` with every named dim symbolic."""
+    """Export ``module(*inputs, [kv caches])`` with every named dim symbolic.
+
+    Dims are first declared valid for every size from 1 up (so that export proves the graph has no
+    branch on a size). Conditions export cannot prove for all sizes become ``_assert_scalar`` nodes
+    (``prefer_deferred_runtime_asserts_over_guards``), checked per bucket and at run time. Only a
+    model that narrows a dim's range (``torch._check(n <= 64)``) is traced again with open dims; its
+    narrowed ranges, and export's own assumption that open dims are at least 2, then become guards
+    that refuse the buckets outside them.
+    """
     specs = [*inputs, *kv_inputs]
     sizes = example_sizes(specs)
-    dims = {name: Dim(name, min=1, max=DIM_MAX) for name in sizes}
-
-    def dynamic(spec: InputSpec) -> dict[int, Dim]:
-        return {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)}
-
     args = (*[example_tensor(s, sizes) for s in inputs], [example_tensor(s, sizes) for s in kv_inputs])
-    dynamic_shapes = (*[dynamic(s) for s in inputs], [dynamic(s) for s in kv_inputs])
+
+    def export(dims: dict[str, Any]) -> torch.export.ExportedProgram:
+        def dynamic(spec: InputSpec) -> dict[int, Any]:
+            return {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)}
+
+        dynamic_shapes = (*[dynamic(s) for s in inputs], [dynamic(s) for s in kv_inputs])
+        return torch.export.export(
+            module, args, dynamic_shapes=dynamic_shapes, strict=False, prefer_deferred_runtime_asserts_over_guards=True
+        )
+
     try:
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        try:
+            program = export({name: Dim(name, min=1, max=DIM_MAX) for name in sizes})
+        except torch._dynamo.exc.UserError:
+            program = export({name: Dim.DYNAMIC for name in sizes})
     except Exception as exc:  # export raises many types; to the user they all mean "cannot trace"
         raise CompileError(f"torch.export failed to trace {type(module).__name__}: {exc}") from exc
     return _to_graph_module(program, specs)
@@ -90,8 +107,22 @@ def _to_graph_module(program: torch.export.ExportedProgram, specs: list[InputSpe
             graph.erase_node(node)
     gm = fx.GraphModule(root, graph)
     gm.meta["symbols"] = symbols
-    by_symbol = {expr: name for name, expr in symbols.items()}
-    gm.meta["ranges"] = {
-        by_symbol[sym]: (int(r.lower), int(r.upper)) for sym, r in program.range_constraints.items() if sym in by_symbol
-    }
+    gm.meta["guards"] = _guards(program, symbols)
     return gm
+
+
+def _guards(program: torch.export.ExportedProgram, symbols: dict[str, sympy.Symbol]) -> list[sympy.Basic]:
+    """What tracing assumed about the dims, as sympy conditions: ranges and shape-environment guards
+    (e.g. ``Eq(Mod(num_tokens, 2), 0)`` from a model's view). Specialising a bucket re-checks them."""
+    known = set(symbols.values())
+    guards: list[sympy.Basic] = []
+    for symbol, bounds in program.range_constraints.items():
+        if symbol in known:
+            if bounds.lower.is_finite:
+                guards.append(sympy.Ge(symbol, bounds.lower))
+            if bounds.upper.is_finite:
+                guards.append(sympy.Le(symbol, bounds.upper))
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in program.graph.nodes if "val" in n.meta])
+    if fake_mode is not None and fake_mode.shape_env is not None:
+        guards += [g.expr for g in fake_mode.shape_env.guards if g.expr.free_symbols & known]
+    return guards
