@@ -171,12 +171,15 @@ def compile_model(
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
         plan = plan_compile(model_dir, options, platform.name, passes, cache)
-    entry = None if options.debug_dump or options.verify else cache.lookup(plan.key)
+    reuse = cache.enabled and not (options.debug_dump or options.verify)
+    with report.stage("cache", "Looking up the compile cache"):
+        entry = cache.lookup(plan.key) if reuse else None
     if entry is not None:
         with staged_output(out_dir, options.force, model_dir) as root:
-            with report.stage("cache", "Reusing the cached compile"):
+            with report.stage("restore", "Reusing the cached compile"):
                 manifest = _restore(entry, root, plan, report)
-            _finish(root, manifest, report, [rel for rel in manifest["files"] if rel != REPORT_FILE])
+            known = {rel: e for rel, e in manifest["files"].items() if rel != REPORT_FILE}
+            _finish(root, manifest, report, list(known), known)
     else:
         _build(plan, options, report, out_dir)
         cache.store(plan.key, out_dir)
@@ -234,10 +237,15 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
         _finish(root, _manifest(plan, options, graph_files, records), report, files)
 
 
-def _finish(root: Path, manifest: dict[str, Any], report: CompileReport, files: list[str]) -> None:
-    """Write report.json, then the manifest with the hash of every file (the report's included)."""
+def _finish(
+    root: Path, manifest: dict[str, Any], report: CompileReport, files: list[str], known: dict | None = None
+) -> None:
+    """Write report.json, then the manifest with the hash of every file (the report's included);
+    ``known`` entries (files restored from a verified cache entry) are not hashed again."""
     (root / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    manifest["files"] = file_entries(root, [*files, REPORT_FILE])
+    known = known or {}
+    fresh = file_entries(root, [f for f in [*files, REPORT_FILE] if f not in known])
+    manifest["files"] = dict(sorted({**known, **fresh}.items()))
     write_manifest(root, manifest)
 
 
