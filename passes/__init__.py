@@ -4,7 +4,7 @@ Passes never import models/ or runtime/: they see GraphModules only.
 """
 
 from xllm_compiler.passes.graph_pass import FunctionPass, GraphPass, PassResult, graph_pass
-from xllm_compiler.passes.manager import PassManager, PassRecord, default_pipeline, select_passes
+from xllm_compiler.passes.manager import PassManager, PassRecord, bucket_pipeline, default_pipeline, select_passes
 
 __all__ = [
     "FunctionPass",
@@ -12,6 +12,7 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
+    "bucket_pipeline",
     "default_pipeline",
     "graph_pass",
     "select_passes",

@@ -27,6 +27,7 @@ from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_
 from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projections
 from xllm_compiler.passes.fusion.select_rows_before_final_norm import select_rows_before_final_norm
 from xllm_compiler.passes.graph_pass import GraphPass
+from xllm_compiler.passes.memory.plan_memory import plan_memory
 
 
 def default_pipeline() -> list[GraphPass]:
@@ -51,13 +52,21 @@ def default_pipeline() -> list[GraphPass]:
     ]
 
 
-def select_passes(names: Sequence[str] | None, disabled: Sequence[str] = ()) -> list[GraphPass]:
-    """The pipeline restricted to ``names`` (None: all; ["none"] or []: nothing) minus ``disabled``.
+def bucket_pipeline() -> list[GraphPass]:
+    """Passes run on each bucket's specialised graph, where every size is known."""
+    return [
+        # Place every intermediate in one arena, and make ops write there.
+        plan_memory,
+    ]
 
-    Order always follows the pipeline, whatever order names are given in.
-    """
-    pipeline = default_pipeline()
-    known = {p.name for p in pipeline}
+
+def select_passes(
+    names: Sequence[str] | None, disabled: Sequence[str] = (), pipeline: list[GraphPass] | None = None
+) -> list[GraphPass]:
+    """``pipeline`` (default: the graph pipeline) restricted to ``names`` (None: all; ["none"] or []:
+    nothing) minus ``disabled``. Names may come from either pipeline; order follows the pipeline."""
+    pipeline = default_pipeline() if pipeline is None else pipeline
+    known = {p.name for p in default_pipeline() + bucket_pipeline()}
     requested = set(known) if names is None else {n for n in names if n != "none"}
     unknown = (requested | set(disabled)) - known
     if unknown:

@@ -4,6 +4,9 @@ Every graph file is parsed and checked when the artifact loads (so a bad one fai
 a graph's executable GraphModule is built when a step first needs it, and at most ``max_resident``
 of them stay built (least recently used go first; a later step builds them again).
 
+Bucket graphs write their intermediates into views of one activation arena (sized for the largest
+plan), bound as the graph's ``arena.*`` attributes.
+
 Counters (``CompiledModel.stats()``): ``hits`` (a step ran on a resident bucket graph), ``misses``
 (its bucket graph had to be built first), ``fallbacks`` (no bucket held the step), ``padded_tokens``
 (tokens of padding the buckets added), ``steps``.
@@ -39,15 +42,22 @@ class GraphCache:
         buckets: list[Bucket],
         weights: dict[str, torch.Tensor],
         max_resident: int | None = None,
+        arena: torch.Tensor | None = None,
+        arena_views: dict[str, dict[str, torch.Tensor]] | None = None,
+        arena_plans: dict[str, int] | None = None,
     ):
         if FALLBACK not in graphs:
             raise ArtifactError(f"the artifact has no '{FALLBACK}' fallback graph")
         missing = [b.name for b in buckets if b.name not in graphs]
         if missing:
             raise ArtifactError(f"the manifest lists bucket {missing[0]} but the artifact has no graph for it")
+        self.arena = arena if arena is not None else torch.empty(0, dtype=torch.uint8)
+        self._views = arena_views or {}
+        self.arena_plans = arena_plans or {}  # graph -> the arena bytes its plan needs
         for name, graph in graphs.items():
             for node in graph.nodes:
-                if node.op == "get_attr" and node.target not in weights:
+                known = node.target in weights or node.target in self._views.get(name, {})
+                if node.op == "get_attr" and not known:
                     raise ArtifactError(f"graph {name} uses weight '{node.target}', which weights.safetensors lacks")
         if max_resident is not None and (isinstance(max_resident, bool) or max_resident < 1):
             raise OptionsError(f"max_resident_graphs must be a positive integer, got {max_resident!r}")
@@ -74,7 +84,7 @@ class GraphCache:
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name]
-        module = fx.GraphModule(self._weights, self._graphs[name])
+        module = fx.GraphModule({**self._weights, **self._views.get(name, {})}, self._graphs[name])
         self._resident[name] = module
         if self.max_resident is not None:
             while len(self._resident) > self.max_resident:

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import fx
 
 import xllm_compiler.ops  # noqa: F401  (registers the xllm ops the graphs call)
-from xllm_compiler.artifact.graph_format import deserialize_graph
+from xllm_compiler.artifact.graph_format import ArenaBuffer, deserialize_graph, read_memory_plan
 from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.artifact.writer import WEIGHTS_FILE
 from xllm_compiler.buckets.policy import PREFILL, Bucket
@@ -47,17 +48,24 @@ def _listed(manifest: dict[str, Any], rel: Any) -> str:
     return rel
 
 
-def _read_graph(root: Path, rel: str, device: torch.device):
+def _read_graph(root: Path, rel: str, device: torch.device) -> tuple[fx.Graph, int, dict[str, ArenaBuffer]]:
+    """A graph file's graph and its memory plan (arena bytes, buffers)."""
     try:
         data = json.loads((root / rel).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"artifact file {rel} is not valid JSON ({exc})") from None
     graph = deserialize_graph(data, device, where=f"artifact file {rel}")
+    arena_bytes, buffers = read_memory_plan(data, where=f"artifact file {rel}")
     expected = [s.name for s in STEP_INPUTS]
     inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
     if inputs[: len(expected)] != expected:
         raise ArtifactError(f"artifact file {rel}: graph inputs {inputs[: len(expected)]} are not {expected}")
-    return graph
+    return graph, arena_bytes, buffers
+
+
+def arena_views(arena: torch.Tensor, buffers: dict[str, ArenaBuffer]) -> dict[str, torch.Tensor]:
+    """Each planned buffer as a view of the one arena: the same addresses on every call."""
+    return {name: arena[b.offset : b.offset + b.nbytes].view(b.dtype).view(b.shape) for name, b in buffers.items()}
 
 
 def default_kv_blocks(manifest: dict[str, Any]) -> int:
@@ -87,12 +95,17 @@ def load(
     graph_files = _field(manifest, "graphs")
     if not isinstance(graph_files, dict):
         raise ArtifactError("manifest.json 'graphs' must map graph names to files")
-    graphs = {name: _read_graph(root, _listed(manifest, rel), torch_device) for name, rel in graph_files.items()}
+    read = {name: _read_graph(root, _listed(manifest, rel), torch_device) for name, rel in graph_files.items()}
+    graphs = {name: graph for name, (graph, _, _) in read.items()}
+    arena = torch.empty(max(size for _, size, _ in read.values()), dtype=torch.uint8, device=torch_device)
+    views = {name: arena_views(arena, buffers) for name, (_, _, buffers) in read.items()}
+    platform.lower(graphs, weights)
     try:
         buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
     except (TypeError, KeyError, ValueError):
         raise ArtifactError("manifest.json has a malformed 'buckets' entry") from None
-    cache = GraphCache(graphs, buckets, weights, max_resident_graphs)
+    plans = {name: size for name, (_, size, _) in read.items() if size}
+    cache = GraphCache(graphs, buckets, weights, max_resident_graphs, arena, views, plans)
 
     model = _field(manifest, "model")
     dtype_name = model.get("dtype")

@@ -145,6 +145,8 @@ class CompiledModel:
     def memory_stats(self) -> dict[str, Any]:
         pool = self.engine.pool.stats()
         return {
+            "arena_bytes": self.engine.graphs.arena.numel(),
+            "arena_bytes_per_bucket": dict(self.engine.graphs.arena_plans),
             "kv_cache_bytes": self.engine.kv_cache.nbytes(),
             "kv_blocks_total": pool.total,
             "kv_blocks_used": pool.used,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 
 class Platform:
@@ -28,3 +29,6 @@ class Platform:
 
     def register_kernels(self) -> None:
         """Bind the ``xllm::`` ops to this device's fused kernels, where it has them (idempotent)."""
+
+    def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
+        """Rewrite loaded graphs (and their weights) in place for this device; the default keeps them."""

@@ -1,10 +1,52 @@
-"""CPU: always available; the ``xllm::`` ops run their torch-composite reference kernels."""
+"""CPU: always available. Graphs are lowered for it at load:
+
+- every ``xllm::`` op calls its torch-composite kernel directly (a plain Python call; the dispatcher
+  round trip of a Python custom op costs more than the small ops inside it);
+- every linear layer on a stored weight runs on oneDNN with the weight pre-packed once into its
+  blocked layout (``mkldnn._reorder_linear_weight``), which reads weights at close to the memory
+  bandwidth where ``aten.linear``'s GEMV reaches about half of it (docs/performance.md). The plain
+  weight is dropped when nothing else reads it.
+"""
 
 from __future__ import annotations
 
 import os
 
+import torch
+from torch import fx
+
+from xllm_compiler.ops import KERNELS
 from xllm_compiler.runtime.platform.base import Platform
+
+aten = torch.ops.aten
+LINEAR = (aten.linear.default, aten.linear.out)
+#: oneDNN's packing is tuned for a batch size; decode (one token per sequence) is what is bound by it.
+PACK_FOR_ROWS = 1
+PACKED_SUFFIX = "_onednn"
+
+
+def packed_linear_out(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """oneDNN linear on a packed weight, into a planned arena buffer (oneDNN has no out= form; the
+    copy of one activation is cheap next to reading the weight)."""
+    return out.copy_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+
+
+#: What lowered graphs may call besides allowlisted ops: our own kernels and oneDNN's packed linear.
+LOWERED_TARGETS = frozenset([*KERNELS.values(), torch.ops.mkldnn._linear_pointwise.default, packed_linear_out])
+
+
+def packable_dtypes() -> set[torch.dtype]:
+    if not torch.backends.mkldnn.is_available():
+        return set()
+    dtypes = {torch.float32}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.add(torch.bfloat16)
+    fp16 = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    if fp16 is not None and fp16():
+        dtypes.add(torch.float16)
+    return dtypes
 
 
 class CpuPlatform(Platform):
@@ -16,3 +58,38 @@ class CpuPlatform(Platform):
     def free_memory_bytes(self) -> int:
         pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
         return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 8 << 30
+
+    def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
+        dtypes = packable_dtypes()
+        for graph in graphs.values():
+            for node in list(graph.nodes):
+                if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                    continue
+                if node.target.namespace == "xllm" and node.target.name() in KERNELS:
+                    node.target = KERNELS[node.target.name()]
+                elif node.target in LINEAR and _is_stored(node.args[1], weights, dtypes):
+                    _use_packed_linear(graph, node, weights)
+        used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
+        for name in [name for name in weights if name not in used]:
+            del weights[name]
+
+
+def _is_stored(weight: object, weights: dict[str, torch.Tensor], dtypes: set[torch.dtype]) -> bool:
+    return isinstance(weight, fx.Node) and weight.op == "get_attr" and weights[weight.target].dtype in dtypes
+
+
+def _use_packed_linear(graph: fx.Graph, node: fx.Node, weights: dict[str, torch.Tensor]) -> None:
+    weight = node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    packed = weight.target + PACKED_SUFFIX
+    if packed not in weights:
+        weights[packed] = torch.ops.mkldnn._reorder_linear_weight(weights[weight.target], PACK_FOR_ROWS)
+    with graph.inserting_before(node):
+        packed_node = graph.get_attr(packed)
+    if "out" in node.kwargs:
+        node.target, node.args = packed_linear_out, (node.args[0], packed_node, bias, node.kwargs["out"])
+        node.kwargs = {}
+        return
+    node.target = torch.ops.mkldnn._linear_pointwise.default
+    node.args = (node.args[0], packed_node, bias, "none", [], "")
+    node.kwargs = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import keyword
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -28,6 +29,8 @@ from xllm_compiler.errors import ArtifactError
 
 GRAPH_FORMAT = "xllm-fx"
 GRAPH_FORMAT_VERSION = 1
+#: get_attr targets under this prefix are activation-arena buffers, bound at load, never weights.
+ARENA_PREFIX = "arena."
 
 DTYPES = {
     str(d).removeprefix("torch."): d
@@ -126,7 +129,10 @@ def serialize_graph(gm: fx.GraphModule) -> dict:
         if "val" in node.meta:
             entry["meta"] = encode_meta(node.meta["val"], subs)
         nodes.append(entry)
-    return {"format": GRAPH_FORMAT, "version": GRAPH_FORMAT_VERSION, "nodes": nodes}
+    data = {"format": GRAPH_FORMAT, "version": GRAPH_FORMAT_VERSION, "nodes": nodes}
+    if "memory_plan" in gm.meta:
+        data["memory_plan"] = gm.meta["memory_plan"].to_json()
+    return data
 
 
 class _Decoder:
@@ -220,3 +226,36 @@ def deserialize_graph(data: Any, device: torch.device, where: str) -> fx.Graph:
     except Exception as exc:  # lint raises several types for the same thing: an inconsistent graph
         raise decoder.fail(f"inconsistent graph ({exc})") from None
     return graph
+
+
+@dataclass(frozen=True)
+class ArenaBuffer:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_memory_plan(data: dict, where: str) -> tuple[int, dict[str, ArenaBuffer]]:
+    """(arena bytes, buffers by get_attr target) of a graph file; (0, {}) if it has no plan. Every
+    buffer must lie inside the arena, aligned for its dtype."""
+    plan = data.get("memory_plan")
+    if plan is None:
+        return 0, {}
+    try:
+        arena_bytes = int(plan["arena_bytes"])
+        buffers = {
+            name: ArenaBuffer(int(b["offset"]), tuple(int(s) for s in b["shape"]), DTYPES[b["dtype"]])
+            for name, b in plan["buffers"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ArtifactError(f"{where}: malformed memory_plan") from None
+    for name, buffer in buffers.items():
+        inside = buffer.offset >= 0 and buffer.offset + buffer.nbytes <= arena_bytes
+        aligned = buffer.offset % buffer.dtype.itemsize == 0 and all(s >= 0 for s in buffer.shape)
+        if not (name.startswith(ARENA_PREFIX) and _is_attribute_path(name) and inside and aligned):
+            raise ArtifactError(f"{where}: memory_plan buffer {name!r} lies outside the arena")
+    return arena_bytes, buffers

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import fx
 
-from xllm_compiler.artifact.graph_format import serialize_graph
+from xllm_compiler.artifact.graph_format import ARENA_PREFIX, serialize_graph
 from xllm_compiler.errors import OutputDirError
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -85,11 +85,11 @@ def _apply_umask(root: Path) -> None:
 
 
 def referenced_weights(graphs: list[fx.GraphModule]) -> dict[str, torch.Tensor]:
-    """Every tensor a get_attr node of ``graphs`` names, once."""
+    """Every tensor a get_attr node of ``graphs`` names, once (arena buffers are not weights)."""
     weights: dict[str, torch.Tensor] = {}
     for gm in graphs:
         for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target not in weights:
+            if node.op == "get_attr" and node.target not in weights and not node.target.startswith(ARENA_PREFIX):
                 weights[node.target] = _fetch(gm, node.target)
     return weights
 

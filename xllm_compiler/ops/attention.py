@@ -16,19 +16,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["paged_attention", "write_kv_cache"]
+__all__ = [
+    "paged_attention",
+    "paged_attention_kernel",
+    "paged_attention_out",
+    "paged_attention_out_kernel",
+    "write_kv_cache",
+    "write_kv_cache_kernel",
+]
 
 
-def _write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+def write_kv_cache_kernel(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store key/value [T, Hkv, D] at cache slots ``slot_mapping`` [T] (slot = block * block_size + offset)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
-@torch.library.custom_op("xllm::write_kv_cache", mutates_args=("kv_cache",))
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [T, Hkv, D] at cache slots ``slot_mapping`` [T] (slot = block * block_size + offset)."""
-    _write_kv_cache(key, value, kv_cache, slot_mapping)
+write_kv_cache = torch.library.custom_op("xllm::write_kv_cache", write_kv_cache_kernel, mutates_args=("kv_cache",))
 
 
 @write_kv_cache.register_fake
@@ -108,12 +115,12 @@ def _store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_
     """The cache write: inline on CPU (no dispatcher round trip), through the op elsewhere so that a
     platform's fused kernel (NPU: reshape_and_cache) takes it."""
     if kv_cache.device.type == "cpu":
-        _write_kv_cache(key, value, kv_cache, slot_mapping)
+        write_kv_cache_kernel(key, value, kv_cache, slot_mapping)
     else:
         torch.ops.xllm.write_kv_cache.default(key, value, kv_cache, slot_mapping)
 
 
-def _paged_attention(
+def paged_attention_out_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -124,19 +131,22 @@ def _paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
+    """paged_attention writing its result into ``out`` [T, H, D] (a planned arena buffer)."""
     _store(key, value, kv_cache, slot_mapping)
-    out = torch.zeros_like(query)
     lens = query_lens.tolist()
     contexts = seq_lens.tolist()
+    total = sum(lens)
+    out[total:].zero_()  # padding tokens
     active = [s for s, n in enumerate(lens) if n > 0]
     if not active:
-        return out
+        return
     if all(lens[s] == 1 for s in active) and len(active) > 1 and active == list(range(len(active))):
         # Decode: sequences 0..n-1 own tokens 0..n-1, one each.
         n = len(active)
         out[:n] = _attend_decode_batch(query[:n], kv_cache, block_tables, contexts[:n], scale, sliding_window)
-        return out
+        return
     start = 0
     for s, n in enumerate(lens):
         if n > 0:
@@ -144,11 +154,9 @@ def _paged_attention(
                 query[start : start + n], kv_cache, block_tables[s], contexts[s], scale, sliding_window
             )
         start += n
-    return out
 
 
-@torch.library.custom_op("xllm::paged_attention", mutates_args=("kv_cache",))
-def paged_attention(
+def paged_attention_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -165,11 +173,21 @@ def paged_attention(
     query [T, H, D], key/value [T, Hkv, D]; returns [T, H, D]. ``sliding_window`` 0 means full
     attention; otherwise a query at position p sees keys at positions (p - window, p].
     """
-    return _paged_attention(
-        query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window
+    out = torch.empty_like(query)
+    paged_attention_out_kernel(
+        query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window, out
     )
+    return out
+
+
+paged_attention = torch.library.custom_op("xllm::paged_attention", paged_attention_kernel, mutates_args=("kv_cache",))
 
 
 @paged_attention.register_fake
 def _(query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window):
     return torch.empty_like(query)
+
+
+paged_attention_out = torch.library.custom_op(
+    "xllm::paged_attention_out", paged_attention_out_kernel, mutates_args=("kv_cache", "out")
+)

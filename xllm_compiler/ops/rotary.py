@@ -8,16 +8,39 @@ from __future__ import annotations
 
 import torch
 
-from xllm_compiler.ops.reference import apply_rotary
+from xllm_compiler.ops.reference import apply_rotary, rotate_half
 
 
-@torch.library.custom_op("xllm::rotary_embedding", mutates_args=())
-def rotary_embedding(
+def rotary_embedding_kernel(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
 
 
+rotary_embedding = torch.library.custom_op("xllm::rotary_embedding", rotary_embedding_kernel, mutates_args=())
+
+
 @rotary_embedding.register_fake
 def _(query, key, cos, sin):
     return torch.empty_like(query), torch.empty_like(key)
+
+
+def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    torch.add(x * cos, rotate_half(x) * sin, out=out)
+
+
+def rotary_embedding_out_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query_out: torch.Tensor,
+    key_out: torch.Tensor,
+) -> None:
+    _rotate_into(query, cos, sin, query_out)
+    _rotate_into(key, cos, sin, key_out)
+
+
+rotary_embedding_out = torch.library.custom_op(
+    "xllm::rotary_embedding_out", rotary_embedding_out_kernel, mutates_args=("query_out", "key_out")
+)
