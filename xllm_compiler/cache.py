@@ -88,7 +88,8 @@ class CompileCache:
         return digest
 
     def lookup(self, key: str) -> Path | None:
-        """The verified entry for ``key``, or None; a corrupt entry is deleted."""
+        """The entry for ``key`` if every file it lists is present and matches its recorded hash, else
+        None; a damaged entry is deleted (and the compile rebuilds it)."""
         if not self.enabled:
             return None
         entry = self._entry(key)
@@ -96,18 +97,26 @@ class CompileCache:
             index = json.loads((entry / ENTRY_INDEX).read_text())
             files = index["files"]
             intact = index["key"] == key and sorted(files) == [f for f in _files(entry) if f != ENTRY_INDEX]
-            intact = intact and all(sha256_file(entry / rel) == digest for rel, digest in files.items())
+            intact = intact and all(
+                (entry / rel).stat().st_size == record["bytes"] and sha256_file(entry / rel) == record["sha256"]
+                for rel, record in files.items()
+            )
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             intact = False
         if intact:
             return entry
-        shutil.rmtree(entry, ignore_errors=True)
+        self.discard(key)
         return None
+
+    def discard(self, key: str) -> None:
+        shutil.rmtree(self._entry(key), ignore_errors=True)
 
     def store(self, key: str, artifact: Path) -> None:
         """Record a finished artifact under ``key``, atomically; a concurrent writer's entry wins.
 
-        File hashes come from the artifact's own (just written) manifest; only the manifest is hashed.
+        The entry hard-links the artifact's files (no second copy of the weights); editing the
+        artifact in place therefore damages the entry, which ``lookup`` then detects. File hashes
+        come from the artifact's own (just written) manifest; only the manifest is hashed.
         """
         if not self.enabled or self._entry(key).exists():
             return
@@ -119,7 +128,8 @@ class CompileCache:
             files = {}
             for rel in _files(artifact):
                 _place(artifact / rel, staging / rel)
-                files[rel] = known.get(rel) or sha256_file(staging / rel)
+                digest = known.get(rel) or sha256_file(staging / rel)
+                files[rel] = {"sha256": digest, "bytes": (staging / rel).stat().st_size}
             (staging / ENTRY_INDEX).write_text(json.dumps({"key": key, "files": files}, indent=1))
             os.replace(staging, self._entry(key))
         except OSError:
@@ -127,9 +137,11 @@ class CompileCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    @staticmethod
-    def restore(entry: Path, target: Path, skip: set[str] = frozenset()) -> None:
-        """Fill ``target`` (a staging folder) with the entry's files, except ``skip``."""
+    def restore(self, entry: Path, target: Path, skip: set[str] = frozenset()) -> None:
+        """Fill ``target`` (a staging folder) with the entry's files, except ``skip``, by hard link (or
+        copy across file systems). Like uv's cache, artifacts made from one entry share files: edit an
+        artifact's file in place and ``load()`` of the others refuses it (hash), and the entry is
+        rebuilt at the next lookup."""
         for rel in _files(entry):
             if rel != ENTRY_INDEX and rel not in skip:
                 _place(entry / rel, target / rel)

@@ -42,7 +42,7 @@ from xllm_compiler.options import (
     MAX_SEQ_LEN_CAP,
     CompileOptions,
 )
-from xllm_compiler.passes import GraphPass, PassManager, select_passes
+from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, select_passes
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
@@ -104,6 +104,7 @@ class CompilePlan:
     buckets: list[Bucket]
     device: str
     passes: list[GraphPass]
+    bucket_passes: list[GraphPass]
     source_sha256: str
     trace: Trace | None
     key: str
@@ -126,7 +127,12 @@ def _bucket_sizes(
 
 
 def plan_compile(
-    model_dir: Path, options: CompileOptions, device: str, passes: list[GraphPass], cache: CompileCache
+    model_dir: Path,
+    options: CompileOptions,
+    device: str,
+    passes: list[GraphPass],
+    bucket_passes: list[GraphPass],
+    cache: CompileCache,
 ) -> CompilePlan:
     spec = load_spec(model_dir)
     dtype = resolve_dtype(options, spec)
@@ -148,11 +154,11 @@ def plan_compile(
             "max_seq_len": max_seq_len,
             "block_size": options.block_size,
             "buckets": [b.to_json() for b in buckets],
-            "passes": [[p.name, p.version, p.identity()] for p in passes],
+            "passes": [[p.name, p.version, p.identity()] for p in [*passes, *bucket_passes]],
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
         }
     )
-    return CompilePlan(model_dir, spec, dtype, max_seq_len, buckets, device, passes, source, trace, key)
+    return CompilePlan(model_dir, spec, dtype, max_seq_len, buckets, device, passes, bucket_passes, source, trace, key)
 
 
 def compile_model(
@@ -167,17 +173,18 @@ def compile_model(
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
     passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
+    bucket_passes = select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline())
     cache = resolve_cache(options)
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
-        plan = plan_compile(model_dir, options, platform.name, passes, cache)
+        plan = plan_compile(model_dir, options, platform.name, passes, bucket_passes, cache)
     reuse = cache.enabled and not (options.debug_dump or options.verify)
     with report.stage("cache", "Looking up the compile cache"):
         entry = cache.lookup(plan.key) if reuse else None
     if entry is not None:
         with staged_output(out_dir, options.force, model_dir) as root:
             with report.stage("restore", "Reusing the cached compile"):
-                manifest = _restore(entry, root, plan, report)
+                manifest = _restore(cache, entry, root, plan, report)
             known = {rel: e for rel, e in manifest["files"].items() if rel != REPORT_FILE}
             _finish(root, manifest, report, list(known), known)
     else:
@@ -204,10 +211,11 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
         records = PassManager(plan.passes, check=check, dump_dir=dump).run(gm)
     bucket_graphs: dict[Bucket, fx.GraphModule] = {}
     seconds: dict[Bucket, float] = {}
-    with report.stage("buckets", "Specialising buckets"):
+    with report.stage("buckets", "Specialising and planning buckets"):
         for bucket in plan.buckets:
             start = time.perf_counter()
             bucket_graphs[bucket] = specialize(gm, bucket)
+            PassManager(plan.bucket_passes).run(bucket_graphs[bucket])
             seconds[bucket] = time.perf_counter() - start
     report.sections.update(
         {
@@ -222,6 +230,9 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records],
             "buckets": _bucket_report(plan, bucket_graphs, seconds),
+            "memory": {
+                b.name: g.meta["memory_plan"].summary() for b, g in bucket_graphs.items() if "memory_plan" in g.meta
+            },
             "cache": {"key": plan.key, "hit": False},
         }
     )
@@ -249,11 +260,11 @@ def _finish(
     write_manifest(root, manifest)
 
 
-def _restore(entry: Path, root: Path, plan: CompilePlan, report: CompileReport) -> dict[str, Any]:
+def _restore(cache: CompileCache, entry: Path, root: Path, plan: CompilePlan, report: CompileReport) -> dict[str, Any]:
     """Fill ``root`` from a cache entry; returns its manifest, to be rewritten with this compile's report."""
     cached_report = json.loads((entry / REPORT_FILE).read_text())
     manifest = json.loads((entry / MANIFEST).read_text())
-    CompileCache.restore(entry, root, skip={REPORT_FILE, MANIFEST})
+    cache.restore(entry, root, skip={REPORT_FILE, MANIFEST})
     report.sections.update({k: v for k, v in cached_report.items() if k not in ("stages", "total_seconds")})
     report.sections["cache"] = {"key": plan.key, "hit": True}
     manifest["source"]["path"] = str(plan.model_dir.absolute())

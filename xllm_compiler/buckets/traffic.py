@@ -49,9 +49,11 @@ def read_trace(path: Path) -> Trace:
             size = record[key]
         except (json.JSONDecodeError, AttributeError, KeyError, StopIteration):
             raise OptionsError(f"{path}:{number}: expected a JSON object with a phase and a size") from None
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise OptionsError(f"{path}:{number}: size {size!r} is not a positive integer")
-        sizes[phase][size] += int(record.get("count", 1))
+        count = record.get("count", 1)
+        for what, value in (("size", size), ("count", count)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(f"{path}:{number}: {what} {value!r} is not a positive integer")
+        sizes[phase][size] += count
     if not any(sizes.values()):
         raise OptionsError(f"trace {path} has no steps")
     return Trace(sizes)

@@ -1,0 +1,523 @@
+"""Benchmark the compiled model against transformers eager and torch.compile on CPU: compile, prefill, decode, RSS.
+
+    python tools/bench.py [--quick] [--model-dir DIR] [--dtype float32|bfloat16|both] [--threads N] [--runs N]
+                          [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
+
+Without --model-dir it benchmarks a random ~100M-parameter Llama (tools/random_checkpoint.py, preset
+llama-100m) written into a temporary folder. Every system gets the same checkpoint, token-id prompts
+(seeded random ids) and thread count:
+
+  hf_eager       transformers' model class for the checkpoint, eager generate() (dynamic KV cache, sdpa).
+  torch_compile  the same model, generate(cache_implementation="static", compile_config=CompileConfig(
+                 fullgraph=True, dynamic=False, mode="default")): transformers' documented compile path. It
+                 compiles the decode step only (prefill runs eagerly) and only on CUDA-like devices unless
+                 the config's _compile_all_devices is set, which this does. mode="reduce-overhead" means
+                 CUDA graphs (nothing on CPU); inductor freezing is off: it crashes on the static-cache
+                 kernel (index out of bounds) with torch 2.13.
+  xllm_compiler  xllm_compiler.compile(decode_buckets=[1, 8, 32], prefill_buckets=[32, 512], max_seq_len=640,
+                 cache_dir="") then load() and generate(ignore_eos=True).
+
+Figures, each the median, min and max of --runs runs:
+  compile_s         xllm_compiler: compile() wall time with the compile cache off (cache_dir="").
+                    torch_compile: the first generate() (batch 1, 32-token prompt, 64 new tokens) in a fresh
+                    process with an empty inductor cache dir. Every compile run is a fresh process.
+  prefill_512_s     a 512-token prompt producing one token (generate, max_new_tokens=1), after a warm-up.
+  decode_bsB_tok_s  B prompts of 32 tokens: 63 * B / (time(64 new tokens) - time(1 new token)), eos ignored.
+  peak_rss_mb       in a process that loads only that system: peak RSS (psutil, sampled every 2 ms) during a
+                    generate() of batch 8 x 64 tokens after a warm-up one; MB = 10**6 bytes.
+The machine's read bandwidth (best of summing a 1 GB float32 tensor) gives the bandwidth-bound decode
+limit at batch 1: weight bytes read per step (every linear incl. lm_head, norms, one embedding row) /
+bandwidth. At batch B one read of the weights serves B tokens, so decode figures are shown as a
+fraction of B x that limit (KV-cache reads are left out: they are small at these lengths).
+
+--json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
+"max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
+Machine facts (bandwidth, limits, threads) and the correctness check (greedy tokens of each system
+against hf_eager) are printed on the terminal only. --quick: batches 1 and 8, two timed runs, one
+compile run: under 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+SYSTEMS = ("hf_eager", "torch_compile", "xllm_compiler")
+DTYPES = ("float32", "bfloat16")
+PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 64, 512
+RSS_BATCH = 8
+WORKER_TIMEOUT_S = 3600
+UNITS = {"compile_s": "s", "prefill_512_s": "s", "peak_rss_mb": "MB"}
+
+
+def decode_metric(batch: int) -> str:
+    return f"decode_bs{batch}_tok_s"
+
+
+def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (count, length), generator=generator).tolist()
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def describe(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# -- the systems (worker side) ------------------------------------------------------------------------
+
+
+def load_hf(model_dir: str, dtype: str, compiled: bool):
+    """generate(prompts, n) over transformers' model; ``compiled`` takes the static-cache torch.compile path."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_class = getattr(transformers, config["architectures"][0])
+    model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model.generation_config.eos_token_id = None  # every run makes exactly n tokens, like ignore_eos
+    model.generation_config.pad_token_id = 0
+    options: dict = {"do_sample": False}
+    if compiled:
+        compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers otherwise compiles on CUDA-like devices only
+        options |= {"cache_implementation": "static", "compile_config": compile_config}
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        ids = torch.tensor(prompts)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **options)
+        if compiled and n > 1 and getattr(model, "_compiled_call", None) is None:
+            raise RuntimeError("transformers did not compile the decode step (auto-compile criteria not met)")
+        if out.shape[1] != ids.shape[1] + n:
+            raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens instead of {n}")
+        return out[:, ids.shape[1] :].tolist()
+
+    return generate
+
+
+def compile_xllm(model_dir: str, out: str, dtype: str) -> float:
+    import xllm_compiler
+
+    options = dict(decode_buckets=[1, 8, 32], prefill_buckets=[32, 512], max_seq_len=640, force=True, cache_dir="")
+    return timed(lambda: xllm_compiler.compile(model_dir, out, dtype=dtype, **options))[0]
+
+
+def load_system(spec: dict):
+    if spec["system"] == "xllm_compiler":
+        import xllm_compiler
+
+        if not Path(spec["artifact"], "manifest.json").exists():
+            raise RuntimeError("no artifact: its compile failed")
+        model = xllm_compiler.load(spec["artifact"])
+        return lambda prompts, n: model.generate(prompts, max_new_tokens=n, ignore_eos=True)
+    return load_hf(spec["model_dir"], spec["dtype"], compiled=spec["system"] == "torch_compile")
+
+
+# -- workers: one fresh process per job, so compile caches, memory and crashes stay apart ---------------
+
+
+class RssPeak:
+    """Peak resident set size while the block runs, sampled from a thread every 2 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self.process, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            if self.done.wait(0.002):
+                return
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def worker_measure(spec: dict) -> dict:
+    """compile_s (first sample), prefill_512_s and the decode figures of one system in one dtype."""
+    system, runs = spec["system"], spec["runs"]
+    metrics: dict[str, dict] = {}
+    tokens: dict[str, list] = {}
+    decode_prompts = make_prompts(spec["vocab"], max(spec["batches"]), PROMPT_LEN, seed=0)
+    prefill_prompt = make_prompts(spec["vocab"], 1, PREFILL_LEN, seed=1)
+
+    def attempt(metric: str, fn) -> None:
+        try:
+            metrics[metric] = {"samples": fn()}
+        except Exception as exc:
+            metrics[metric] = {"error": describe(exc)}
+
+    if system == "xllm_compiler":
+        attempt("compile_s", lambda: [compile_xllm(spec["model_dir"], spec["artifact"], spec["dtype"])])
+    try:
+        generate = load_system(spec)
+    except Exception as exc:
+        return {"error": describe(exc), "metrics": metrics}
+    if system == "torch_compile":  # the first generate compiles: timed in this fresh process
+        attempt("compile_s", lambda: [timed(generate, decode_prompts[:1], NEW_TOKENS)[0]])
+
+    def prefill() -> list[float]:
+        generate(prefill_prompt, 1)
+        return [timed(generate, prefill_prompt, 1)[0] for _ in range(runs)]
+
+    def decode(batch: int) -> list[float]:
+        prompts = decode_prompts[:batch]
+        generate(prompts, NEW_TOKENS)  # warm-up (torch_compile: compiles this batch size)
+        samples = []
+        for _ in range(runs):
+            one, _ = timed(generate, prompts, 1)
+            full, tokens[str(batch)] = timed(generate, prompts, NEW_TOKENS)
+            samples.append((NEW_TOKENS - 1) * batch / (full - one))
+        return samples
+
+    attempt("prefill_512_s", prefill)
+    for batch in spec["batches"]:
+        attempt(decode_metric(batch), lambda batch=batch: decode(batch))
+    return {"metrics": metrics, "tokens": tokens}
+
+
+def worker_compile(spec: dict) -> dict:
+    """One more compile_s sample, in a fresh process."""
+    if spec["system"] == "xllm_compiler":
+        seconds = compile_xllm(spec["model_dir"], spec["artifact"], spec["dtype"])
+        shutil.rmtree(spec["artifact"], ignore_errors=True)
+    else:
+        generate = load_system(spec)
+        seconds = timed(generate, make_prompts(spec["vocab"], 1, PROMPT_LEN, seed=0), NEW_TOKENS)[0]
+    return {"metrics": {"compile_s": {"samples": [seconds]}}}
+
+
+def worker_rss(spec: dict) -> dict:
+    """peak_rss_mb of generate(batch 8 x 64 tokens) in a process holding only this system."""
+    import psutil
+
+    generate = load_system(spec)
+    loaded = psutil.Process().memory_info().rss
+    prompts = make_prompts(spec["vocab"], RSS_BATCH, PROMPT_LEN, seed=0)
+    with RssPeak() as first:
+        generate(prompts, NEW_TOKENS)
+    samples = []
+    for _ in range(spec["runs"]):
+        with RssPeak() as peak:
+            generate(prompts, NEW_TOKENS)
+        samples.append(peak.peak / 1e6)
+    info = {"after_load_mb": loaded / 1e6, "first_call_peak_mb": first.peak / 1e6}
+    return {"metrics": {"peak_rss_mb": {"samples": samples}}, "info": info}
+
+
+WORKERS = {"measure": worker_measure, "compile": worker_compile, "rss": worker_rss}
+
+
+def worker_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    try:
+        result = WORKERS[spec["mode"]](spec)
+    except Exception as exc:
+        result = {"error": describe(exc)}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+def run_worker(spec: dict, work: Path) -> dict:
+    """Run one worker process; a crash or a timeout becomes {"error": ...}."""
+    name = f"{spec['mode']}-{spec['system']}-{spec['dtype']}-{len(list(work.glob('*.spec.json')))}"
+    spec = spec | {"result": str(work / f"{name}.result.json")}
+    (work / f"{name}.spec.json").write_text(json.dumps(spec))
+    log = work / f"{name}.log"
+    env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}  # no warm inductor cache
+    command = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(work / f"{name}.spec.json")]
+    try:
+        with open(log, "w") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
+    result_path = Path(spec["result"])
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    return {"error": f"worker exited with code {code.returncode}: {tail[0] if tail else 'no output'}"[:300]}
+
+
+# -- machine facts (parent side) -----------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Best GB/s of summing a float32 tensor much larger than the caches, on the current thread count."""
+    x = torch.ones(int(gigabytes * 1e9) // 4)
+    x.sum()
+    best = min(timed(x.sum)[0] for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
+    """Bytes a batch-1 decode step reads: every tensor, but one row of an untied input embedding."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            shapes |= {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118 (not a dict)
+    tied = not any(name.endswith("lm_head.weight") for name in shapes)
+    elements = 0
+    for name, shape in shapes.items():
+        numel = 1
+        for size in shape:
+            numel *= size
+        elements += shape[-1] if name.endswith("embed_tokens.weight") and not tied else numel
+    return elements * getattr(torch, dtype).itemsize
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- rows, table, plot ---------------------------------------------------------------------------------
+
+
+def make_row(system: str, dtype: str, metric: str, entry: dict) -> dict:
+    samples = entry.get("samples") or []
+    row = {
+        "system": system,
+        "dtype": dtype,
+        "metric": metric,
+        "median": statistics.median(samples) if samples else None,
+        "min": min(samples) if samples else None,
+        "max": max(samples) if samples else None,
+        "unit": UNITS.get(metric, "tok/s"),
+    }
+    if not samples:
+        row["error"] = entry.get("error", "not measured")
+    return row
+
+
+def format_value(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit: float) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"{dtype}: median [min-max]; decode also as % of the bandwidth limit at that batch"))
+    table.add_column("metric")
+    table.add_column("unit")
+    for system in systems:
+        table.add_column(system, justify="right")
+    metrics = dict.fromkeys(row["metric"] for row in rows if row["dtype"] == dtype)
+    for metric in metrics:
+        cells = []
+        for system in systems:
+            row = next((r for r in rows if (r["system"], r["dtype"], r["metric"]) == (system, dtype, metric)), None)
+            if row is None:
+                cells.append("-")
+            elif row["median"] is None:
+                cells.append("[red]error[/red]")
+            else:
+                cell = f"{format_value(row['median'])} [{format_value(row['min'])}-{format_value(row['max'])}]"
+                if metric.startswith("decode_bs"):
+                    batch = int(metric.removeprefix("decode_bs").removesuffix("_tok_s"))
+                    cell += f" {100 * row['median'] / (batch * limit):.0f}%"
+                cells.append(escape(cell))
+        table.add_row(metric, UNITS.get(metric, "tok/s"), *cells)
+    console.print(table)
+
+
+def write_plot(path: Path, rows: list[dict], dtypes: list[str], systems: list[str], limits: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        batches = []
+        for system in systems:
+            points = [
+                (int(r["metric"].removeprefix("decode_bs").removesuffix("_tok_s")), r)
+                for r in rows
+                if (r["system"], r["dtype"]) == (system, dtype) and r["metric"].startswith("decode_bs")
+            ]
+            points = sorted((b, r) for b, r in points if r["median"] is not None)
+            batches += [b for b, _ in points]
+            if points:
+                x = [b for b, _ in points]
+                y = [r["median"] for _, r in points]
+                err = [[r["median"] - r["min"] for _, r in points], [r["max"] - r["median"] for _, r in points]]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=system)
+        if batches:
+            x = sorted(set(batches))
+            ax.plot(x, [b * limits[dtype] for b in x], "k--", label="bandwidth limit (weights read once per step)")
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s", title=dtype)
+        ax.set_xticks(sorted(set(batches)) or [1], labels=[str(b) for b in sorted(set(batches)) or [1]])
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def correctness(console, results: dict, dtypes: list[str], systems: list[str]) -> None:
+    """Greedy tokens of each system against hf_eager (else torch_compile); float32 must agree."""
+    reference = next((s for s in ("hf_eager", "torch_compile") if s in systems), None)
+    for dtype in dtypes:
+        ref = results.get((reference, dtype), {}).get("tokens", {})
+        for system in systems:
+            got = results.get((system, dtype), {}).get("tokens", {})
+            if system == reference or not ref or not got:
+                continue
+            parts, first_ok = [], True
+            for batch in sorted(set(ref) & set(got), key=int):
+                a, b = ref[batch], got[batch]
+                same_first = sum(x[0] == y[0] for x, y in zip(a, b, strict=True))
+                prefix = next((i for i, (x, y) in enumerate(zip(a[0], b[0], strict=True)) if x != y), len(a[0]))
+                first_ok &= same_first == len(a)
+                parts.append(f"bs{batch}: first token equal {same_first}/{len(a)}, greedy prefix {prefix}/{len(a[0])}")
+            line = f"{system} vs {reference} ({dtype}): " + "; ".join(parts)
+            if dtype == "float32" and not first_ok:
+                console.print(f"[bold yellow]WARNING[/bold yellow] first tokens differ: {line}")
+            else:
+                console.print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="checkpoint to benchmark (default: random llama-100m)")
+    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every system")
+    parser.add_argument("--runs", type=int, help="timed runs per figure (default 3; --quick: 2, one compile run)")
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, fewer runs")
+    parser.add_argument("--json", type=Path, help="write the rows (a list of dicts) here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of decode tokens/s per batch size here")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._worker:
+        return worker_main(args._worker)
+
+    from rich.console import Console
+
+    console = Console()
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not systems or set(systems) - set(SYSTEMS):
+        parser.error(f"--systems takes a subset of {','.join(SYSTEMS)}")
+    dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
+    runs = args.runs or (2 if args.quick else 3)
+    compile_runs = 1 if args.quick else runs
+    batches = [1, 8] if args.quick else [1, 8, 32]
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="xllm-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = args.model_dir
+        if model_dir is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from random_checkpoint import write_checkpoint
+
+            model_dir = write_checkpoint(work / "model", "llama-100m", torch.float32)
+        model_dir = model_dir.resolve()
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        bandwidth = read_bandwidth_gbs(repeats=3 if args.quick else 5)
+        limits = {d: bandwidth * 1e9 / weight_bytes_per_step(model_dir, d) for d in dtypes}
+
+        console.print(f"[bold]machine[/bold]: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch threads")
+        busy = "[bold yellow] (other processes are busy: timings will be noisy)[/bold yellow]" if load > 0.5 else ""
+        console.print(f"load average (1 min) before the run: {load:.2f}{busy}")
+        console.print(f"torch {torch.__version__}, python {platform.python_version()}, model {model_dir}")
+        console.print(f"memory read bandwidth: {bandwidth:.1f} GB/s (best of summing 1 GB of float32)")
+        for d in dtypes:
+            mb = weight_bytes_per_step(model_dir, d) / 1e6
+            console.print(f"decode limit at batch 1, {d}: {mb:.0f} MB of weights per step -> {limits[d]:.1f} tok/s")
+        console.print(
+            "compile_s: xllm_compiler with the compile cache off (cache_dir=''); torch_compile = first generate() "
+            "in a fresh process with an empty inductor cache"
+        )
+
+        results: dict[tuple[str, str], dict] = {}
+        rows: list[dict] = []
+        rss_info: dict[tuple[str, str], dict] = {}
+        for dtype in dtypes:
+            for system in systems:
+                spec = dict(
+                    system=system,
+                    dtype=dtype,
+                    model_dir=str(model_dir),
+                    artifact=str(work / f"artifact-{dtype}"),
+                    vocab=vocab,
+                    threads=args.threads,
+                    runs=runs,
+                    batches=batches,
+                )
+                console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: measuring")
+                measured = run_worker(spec | {"mode": "measure"}, work)
+                results[(system, dtype)] = measured
+                metrics = measured.get("metrics", {})
+                if system != "hf_eager":
+                    for run in range(1, compile_runs):
+                        extra = run_worker(spec | {"mode": "compile", "artifact": f"{spec['artifact']}-{run}"}, work)
+                        sample = extra.get("metrics", {}).get("compile_s", {}).get("samples", [])
+                        metrics.setdefault("compile_s", {}).setdefault("samples", []).extend(sample)
+                console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: peak RSS")
+                rss = run_worker(spec | {"mode": "rss"}, work)
+                rss_info[(system, dtype)] = rss.get("info", {})
+                metrics["peak_rss_mb"] = rss.get("metrics", {}).get("peak_rss_mb", {"error": rss.get("error")})
+                names = ["compile_s"] * (system != "hf_eager") + ["prefill_512_s", *map(decode_metric, batches)]
+                for metric in [*names, "peak_rss_mb"]:
+                    entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
+                    rows.append(make_row(system, dtype, metric, entry))
+
+        elapsed = time.perf_counter() - start
+        for dtype in dtypes:
+            print_table(console, rows, dtype, systems, limits[dtype])
+        for row in rows:
+            if "error" in row:
+                console.print(f"[red]error[/red] {row['system']} {row['dtype']} {row['metric']}: {row['error']}")
+        for (system, dtype), info in rss_info.items():
+            if info:
+                console.print(
+                    f"RSS {system} {dtype}: {info['after_load_mb']:.0f} MB after load, "
+                    f"{info['first_call_peak_mb']:.0f} MB peak in the first (warm-up) generate"
+                )
+        correctness(console, results, dtypes, systems)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        if args.plot:
+            write_plot(args.plot, rows, dtypes, systems, limits)
+        console.print(f"load average over the last 5 minutes of the run: {os.getloadavg()[1]:.2f}")
+        console.print(f"total: {elapsed:.0f} s ({runs} runs, {compile_runs} compile runs, batches {batches})")
+
+
+if __name__ == "__main__":
+    main()
