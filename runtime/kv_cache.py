@@ -20,6 +20,8 @@ class BlockPoolStats:
     used: int
     free: int
     peak_used: int
+    fragmentation: float  # share of the slots in used blocks that hold no token (now)
+    peak_fragmentation: float  # the largest such share seen at any step
 
 
 class BlockPool:
@@ -31,6 +33,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, RESERVED_BLOCKS - 1, -1))
         self._peak = 0
+        self._fragmentation = 0.0
+        self._peak_fragmentation = 0.0
 
     @property
     def capacity(self) -> int:
@@ -49,10 +53,27 @@ class BlockPool:
 
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+        if len(self._free) == self.capacity:
+            self._fragmentation = 0.0
+
+    def record_occupancy(self, tokens: int, block_size: int) -> None:
+        """After a step: ``tokens`` cached tokens live in the used blocks. Blocks are fixed-size, so the
+        pool never fragments between blocks; what it wastes is the slots reserved inside them (a
+        request reserves its whole generation when admitted, and a last block is partly filled)."""
+        slots = (self.capacity - len(self._free)) * block_size
+        self._fragmentation = 1.0 - tokens / slots if slots else 0.0
+        self._peak_fragmentation = max(self._peak_fragmentation, self._fragmentation)
 
     def stats(self) -> BlockPoolStats:
         used = self.capacity - len(self._free)
-        return BlockPoolStats(total=self.capacity, used=used, free=len(self._free), peak_used=self._peak)
+        return BlockPoolStats(
+            total=self.capacity,
+            used=used,
+            free=len(self._free),
+            peak_used=self._peak,
+            fragmentation=round(self._fragmentation, 4),
+            peak_fragmentation=round(self._peak_fragmentation, 4),
+        )
 
 
 class KVCache:

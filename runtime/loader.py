@@ -76,12 +76,35 @@ def default_kv_blocks(manifest: dict[str, Any]) -> int:
     return max_batch * per_seq + RESERVED_BLOCKS
 
 
+def blocks_for_utilization(utilization: float, total_bytes: int, used_bytes: int, block_bytes: int) -> int:
+    """KV blocks that fit in ``utilization`` of the device's memory once weights and arena are in."""
+    if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+        raise OptionsError(f"max_memory_utilization must be in (0, 1], got {utilization!r}")
+    budget = utilization * total_bytes - used_bytes
+    blocks = int(budget // block_bytes) + RESERVED_BLOCKS
+    if blocks <= RESERVED_BLOCKS:
+        raise OptionsError(
+            f"max_memory_utilization {utilization} leaves no room for the KV cache: weights and arena take "
+            f"{used_bytes / 2**20:.0f} MiB of {utilization * total_bytes / 2**20:.0f} MiB"
+        )
+    return blocks
+
+
 def load(
-    path: str | Path, device: str | None = None, kv_blocks: int | None = None, max_resident_graphs: int | None = None
+    path: str | Path,
+    device: str | None = None,
+    kv_blocks: int | None = None,
+    max_resident_graphs: int | None = None,
+    max_memory_utilization: float | None = None,
 ) -> CompiledModel:
-    """Load a compiled artifact. ``device`` defaults to the one it was compiled for; ``kv_blocks`` sizes
-    the KV pool (default: the largest decode bucket of full-length sequences); ``max_resident_graphs``
-    bounds how many bucket graphs stay built at once (default: all)."""
+    """Load a compiled artifact.
+
+    ``device`` defaults to the one it was compiled for. The KV pool holds ``kv_blocks`` blocks when
+    given; else, with ``max_memory_utilization`` (xLLM's flag: the share of the device's memory the
+    model may use), as many blocks as fit in that share after the weights and the arena; else room for
+    the largest decode bucket of full-length sequences. ``max_resident_graphs`` bounds how many bucket
+    graphs stay built at once (default: all).
+    """
     root = Path(path)
     manifest = read_manifest(root)
     platform = get_platform(device or _field(manifest, "target_device"))
@@ -99,6 +122,7 @@ def load(
     graphs = {name: graph for name, (graph, _, _) in read.items()}
     arena = torch.empty(max(size for _, size, _ in read.values()), dtype=torch.uint8, device=torch_device)
     views = {name: arena_views(arena, buffers) for name, (_, _, buffers) in read.items()}
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
     platform.lower(graphs, weights)
     try:
         buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
@@ -111,13 +135,23 @@ def load(
     dtype_name = model.get("dtype")
     if dtype_name not in DTYPES:
         raise ArtifactError(f"manifest.json model dtype {dtype_name!r} is not supported")
-    num_blocks = default_kv_blocks(manifest) if kv_blocks is None else kv_blocks
+    block_size = _field(manifest, "kv_cache", "block_size")
+    block_bytes = KVCache.bytes_per_block(
+        model["num_layers"], block_size, model["num_kv_heads"], model["head_dim"], DTYPES[dtype_name]
+    )
+    if kv_blocks is not None:
+        num_blocks = kv_blocks
+    elif max_memory_utilization is not None:
+        used = weight_bytes + arena.numel()
+        num_blocks = blocks_for_utilization(max_memory_utilization, platform.total_memory_bytes(), used, block_bytes)
+    else:
+        num_blocks = default_kv_blocks(manifest)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= RESERVED_BLOCKS:
-        raise OptionsError(f"kv_blocks must be an integer > {RESERVED_BLOCKS}, got {kv_blocks!r}")
+        raise OptionsError(f"kv_blocks must be an integer > {RESERVED_BLOCKS}, got {num_blocks!r}")
     kv_cache = KVCache(
         num_layers=model["num_layers"],
         num_blocks=num_blocks,
-        block_size=_field(manifest, "kv_cache", "block_size"),
+        block_size=block_size,
         num_kv_heads=model["num_kv_heads"],
         head_dim=model["head_dim"],
         dtype=DTYPES[dtype_name],

@@ -152,4 +152,7 @@ class CompiledModel:
             "kv_blocks_used": pool.used,
             "kv_blocks_free": pool.free,
             "kv_blocks_peak": pool.peak_used,
+            "kv_block_size": self.engine.block_size,
+            "kv_fragmentation": pool.fragmentation,
+            "kv_peak_fragmentation": pool.peak_fragmentation,
         }

@@ -62,6 +62,7 @@ class Scheduler:
                     on_logits(running, self.engine.step(DECODE, [(s, 1) for s in running]))
                 else:
                     raise KVCacheExhaustedError("no request can be admitted: the KV pool is exhausted")
+                self.engine.pool.record_occupancy(sum(s.num_computed for s in running), self.engine.block_size)
                 for seq in [s for s in running if s.finished]:
                     self.engine.pool.release(seq.blocks)
                     seq.blocks = []

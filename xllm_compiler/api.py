@@ -28,7 +28,17 @@ def compile(
 
 
 def load(
-    out_dir: str | Path, device: str | None = None, kv_blocks: int | None = None, max_resident_graphs: int | None = None
+    out_dir: str | Path,
+    device: str | None = None,
+    kv_blocks: int | None = None,
+    max_resident_graphs: int | None = None,
+    max_memory_utilization: float | None = None,
 ) -> CompiledModel:
     """Load a compiled artifact; see ``xllm_compiler.runtime.load``."""
-    return _load(out_dir, device=device, kv_blocks=kv_blocks, max_resident_graphs=max_resident_graphs)
+    return _load(
+        out_dir,
+        device=device,
+        kv_blocks=kv_blocks,
+        max_resident_graphs=max_resident_graphs,
+        max_memory_utilization=max_memory_utilization,
+    )

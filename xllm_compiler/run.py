@@ -34,6 +34,10 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the eos token")
     parser.add_argument("--device", help="run on this device (default: the artifact's target)")
+    parser.add_argument("--kv-blocks", type=int, metavar="N", help="KV-cache blocks in the pool")
+    parser.add_argument(
+        "--max-memory-utilization", type=float, metavar="F", help="size the KV pool to this share of device memory"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -44,7 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from xllm_compiler import load
 
-        model = load(args.artifact, device=args.device)
+        model = load(
+            args.artifact,
+            device=args.device,
+            kv_blocks=args.kv_blocks,
+            max_memory_utilization=args.max_memory_utilization,
+        )
         as_text = args.prompt is not None
         prompts = [model.encode(p) for p in args.prompt] if as_text else [_ids(p) for p in args.prompt_ids]
         outputs = model.generate(

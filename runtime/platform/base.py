@@ -24,7 +24,11 @@ class Platform:
         """Wait for queued device work (a no-op where execution is synchronous)."""
 
     def free_memory_bytes(self) -> int:
-        """Memory the KV pool may draw on."""
+        """Memory free on the device now."""
+        raise NotImplementedError
+
+    def total_memory_bytes(self) -> int:
+        """The device's memory, which max_memory_utilization is a share of."""
         raise NotImplementedError
 
     def register_kernels(self) -> None:

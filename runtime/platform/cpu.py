@@ -56,8 +56,10 @@ class CpuPlatform(Platform):
         return True
 
     def free_memory_bytes(self) -> int:
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
-        return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 8 << 30
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+    def total_memory_bytes(self) -> int:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         dtypes = packable_dtypes()

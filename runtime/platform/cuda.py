@@ -24,5 +24,7 @@ class CudaPlatform(Platform):
         torch.cuda.synchronize()
 
     def free_memory_bytes(self) -> int:
-        free, _total = torch.cuda.mem_get_info()
-        return int(free)
+        return int(torch.cuda.mem_get_info()[0])
+
+    def total_memory_bytes(self) -> int:
+        return int(torch.cuda.mem_get_info()[1])

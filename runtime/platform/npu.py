@@ -51,8 +51,10 @@ class NpuPlatform(Platform):
         torch.npu.synchronize()
 
     def free_memory_bytes(self) -> int:
-        free, _total = torch.npu.mem_get_info()
-        return int(free)
+        return int(torch.npu.mem_get_info()[0])
+
+    def total_memory_bytes(self) -> int:
+        return int(torch.npu.mem_get_info()[1])
 
     def register_kernels(self) -> None:
         global _registered
