@@ -8,24 +8,37 @@ import torch
 
 from xllm_compiler.models.config import ModelSpec
 from xllm_compiler.models.decoder import DecoderForCausalLM
+from xllm_compiler.models.parallel import TensorParallel
 from xllm_compiler.models.registry import load_spec
 from xllm_compiler.models.weights import Checkpoint
 
 
 def build_model(
-    model_dir: Path, dtype: torch.dtype, max_positions: int, spec: ModelSpec | None = None
+    model_dir: Path,
+    dtype: torch.dtype,
+    max_positions: int,
+    spec: ModelSpec | None = None,
+    tp: TensorParallel | None = None,
 ) -> DecoderForCausalLM:
-    """The decoder for ``model_dir`` with its weights (mmap-read, cast to ``dtype``), ready to trace.
+    """The decoder for ``model_dir`` with its weights (mmap-read, cast to ``dtype``), ready to trace;
+    with ``tp``, this rank's shards only (each read as a slice of its file).
 
     Parameters are created on the meta device and replaced one by one, so a checkpoint is never held
     twice in memory.
     """
     spec = spec or load_spec(model_dir)
+    tp = tp or TensorParallel()
     with torch.device("meta"):
-        model = DecoderForCausalLM(spec, max_positions, dtype)
+        model = DecoderForCausalLM(spec, max_positions, dtype, tp)
     with Checkpoint(model_dir) as checkpoint:
         for name, param in list(model.named_parameters()):
-            tensor = checkpoint.load(name, tuple(param.shape), dtype)
+            dim = tp.shard_dim(name)
+            if dim is None:
+                tensor = checkpoint.load(name, tuple(param.shape), dtype)
+            else:
+                whole = list(param.shape)
+                whole[dim] *= tp.size
+                tensor = checkpoint.load(name, tuple(whole), dtype, (dim, *tp.span(whole[dim])))
             owner_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner_name), leaf, torch.nn.Parameter(tensor, requires_grad=False))
     if spec.tie_word_embeddings:

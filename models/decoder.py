@@ -8,11 +8,14 @@ the reference ops of ``xllm_compiler.ops.reference``, which the fusion passes la
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import xllm_compiler.ops  # noqa: F401  (registers torch.ops.xllm)
 from xllm_compiler.models.config import ModelSpec
+from xllm_compiler.models.parallel import TRACED_GROUP, TensorParallel
 from xllm_compiler.models.rope import cos_sin_tables
+from xllm_compiler.ops.collectives import all_reduce
 from xllm_compiler.ops.reference import apply_rotary, rms_norm, silu_and_mul
 
 
@@ -26,15 +29,33 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+class RowParallelLinear(nn.Module):
+    """A linear layer whose input features are split over the tensor-parallel ranks: each computes a
+    partial sum, an all-reduce adds them, then the (whole, replicated) bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.weight = nn.Parameter(torch.empty(out_features, tp.local(in_features)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = all_reduce(F.linear(x, self.weight), TRACED_GROUP)
+        return y if self.bias is None else y + self.bias
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = tp.local(spec.num_heads), tp.local(spec.num_kv_heads)
+        self.head_dim = spec.head_dim
+        q_size, kv_size = self.num_heads * spec.head_dim, self.num_kv_heads * spec.head_dim
         self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias, tp)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -72,23 +93,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        intermediate = tp.local(spec.intermediate_size)
+        self.gate_proj = nn.Linear(spec.hidden_size, intermediate, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, intermediate, bias=False)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer)
+        self.self_attn = Attention(spec, layer, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, tp)
 
     def forward(self, h, cos, sin, kv_cache, step):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, step)
@@ -96,10 +118,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -107,13 +129,16 @@ class DecoderForCausalLM(nn.Module):
     """input_ids [T] + step metadata + one KV cache per layer -> logits [S, vocab] (float32).
 
     ``logits_indices`` [S] picks each sequence's last token after the final norm, so the LM head runs
-    on S rows, not T.
+    on S rows, not T. With tensor parallelism (``tp``) the module holds this rank's shards and its
+    row-parallel projections all-reduce their outputs.
     """
 
-    def __init__(self, spec: ModelSpec, max_positions: int, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, max_positions: int, dtype: torch.dtype, tp: TensorParallel | None = None):
         super().__init__()
         self.spec = spec
-        self.model = DecoderModel(spec)
+        self.tp = tp or TensorParallel()
+        self.tp.check(spec)
+        self.model = DecoderModel(spec, self.tp)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

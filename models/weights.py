@@ -74,8 +74,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shards
 
-    def load(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` checked against ``shape`` and cast to ``dtype``."""
+    def load(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, shard: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` checked against ``shape`` (the whole tensor's) and cast to ``dtype``; with
+        ``shard`` = (dim, start, end) only that slice is read from the file."""
         if name not in self._shards:
             files = ", ".join(p.name for p in self.files())
             raise CheckpointError(f"tensor '{name}' is missing from the checkpoint (searched {files})")
@@ -85,7 +88,12 @@ class Checkpoint:
             found = tuple(handle.get_slice(name).get_shape())
             if found != tuple(shape):
                 raise CheckpointError(f"{path.name}: tensor '{name}' has shape {list(found)}, expected {list(shape)}")
-            tensor = handle.get_tensor(name)
+            if shard is None:
+                tensor = handle.get_tensor(name)
+            else:
+                dim, start, end = shard
+                index = (slice(None),) * dim + (slice(start, end),)
+                tensor = handle.get_slice(name)[index]
         except SafetensorError as exc:
             raise CheckpointError(f"{path.name}: tensor '{name}' cannot be read ({exc})") from None
         if not tensor.is_floating_point():

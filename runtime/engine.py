@@ -7,17 +7,27 @@ import torch
 from xllm_compiler.interface import STEP_INPUTS
 from xllm_compiler.runtime.graph_cache import GraphCache
 from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
+from xllm_compiler.runtime.parallel import TensorParallelGroup
 from xllm_compiler.runtime.step import Sequence, build_step_inputs
 
 
 class Engine:
-    def __init__(self, graphs: GraphCache, kv_cache: KVCache, pool: BlockPool, max_seq_len: int, device: torch.device):
+    def __init__(
+        self,
+        graphs: GraphCache,
+        kv_cache: KVCache,
+        pool: BlockPool,
+        max_seq_len: int,
+        device: torch.device,
+        group: TensorParallelGroup | None = None,
+    ):
         self.graphs = graphs
         self.kv_cache = kv_cache
         self.pool = pool
         self.block_size = kv_cache.block_size
         self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
         self.device = device
+        self.group = group or TensorParallelGroup(1, device)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -26,6 +26,7 @@ from xllm_compiler.runtime.engine import Engine
 from xllm_compiler.runtime.graph_cache import GraphCache
 from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
 from xllm_compiler.runtime.model import CompiledModel
+from xllm_compiler.runtime.parallel import TensorParallelGroup
 from xllm_compiler.runtime.platform import get_platform
 from xllm_compiler.runtime.scheduler import Scheduler
 
@@ -111,10 +112,18 @@ def load(
     torch_device = platform.device()
     platform.register_kernels()
 
+    parallel = manifest.get("tensor_parallel") or {"size": 1, "weights": [WEIGHTS_FILE]}
     try:
-        weights = load_file(str(root / _listed(manifest, WEIGHTS_FILE)), device=str(torch_device))
+        size, weight_files = int(parallel["size"]), [str(f) for f in parallel["weights"]]
+        assert size >= 1 and len(weight_files) == size
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise ArtifactError("manifest.json has a malformed 'tensor_parallel' entry") from None
+    group = TensorParallelGroup(size, torch_device)
+    weights_name = weight_files[group.rank]
+    try:
+        weights = load_file(str(root / _listed(manifest, weights_name)), device=str(torch_device))
     except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"artifact file {WEIGHTS_FILE} cannot be read ({exc})") from None
+        raise ArtifactError(f"artifact file {weights_name} cannot be read ({exc})") from None
     graph_files = _field(manifest, "graphs")
     if not isinstance(graph_files, dict):
         raise ArtifactError("manifest.json 'graphs' must map graph names to files")
@@ -123,6 +132,7 @@ def load(
     arena = torch.empty(max(size for _, size, _ in read.values()), dtype=torch.uint8, device=torch_device)
     views = {name: arena_views(arena, buffers) for name, (_, _, buffers) in read.items()}
     weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    group.bind(graphs)
     platform.lower(graphs, weights)
     try:
         buckets = [Bucket(b["phase"], int(b["num_tokens"]), int(b["num_seqs"])) for b in _field(manifest, "buckets")]
@@ -157,7 +167,7 @@ def load(
         dtype=DTYPES[dtype_name],
         device=torch_device,
     )
-    engine = Engine(cache, kv_cache, BlockPool(num_blocks), model["max_seq_len"], torch_device)
+    engine = Engine(cache, kv_cache, BlockPool(num_blocks), model["max_seq_len"], torch_device, group)
     prefill = [b for b in buckets if b.phase == PREFILL]
     scheduler = Scheduler(
         engine,

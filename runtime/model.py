@@ -107,7 +107,8 @@ class CompiledModel:
         stop = set() if ignore_eos else set(self.eos_token_ids)
 
         def extend(batch: list[Sequence], logits: torch.Tensor) -> None:
-            for seq, token in zip(batch, sample(logits, float(temperature), float(top_p), generator), strict=True):
+            tokens = self.engine.group.agree(sample(logits, float(temperature), float(top_p), generator))
+            for seq, token in zip(batch, tokens, strict=True):
                 seq.tokens.append(token)
                 seq.finished = len(seq.generated) >= seq.max_new_tokens or token in stop
 

@@ -60,6 +60,7 @@ PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 64, 512
 RSS_BATCH = 8
 WORKER_TIMEOUT_S = 3600
 UNITS = {"compile_s": "s", "prefill_512_s": "s", "peak_rss_mb": "MB"}
+METRICS = ("compile_s", "prefill_512_s", "decode_bs1_tok_s", "decode_bs8_tok_s", "decode_bs32_tok_s", "peak_rss_mb")
 
 
 def decode_metric(batch: int) -> str:
@@ -128,34 +129,58 @@ def load_system(spec: dict):
         if not Path(spec["artifact"], "manifest.json").exists():
             raise RuntimeError("no artifact: its compile failed")
         model = xllm_compiler.load(spec["artifact"])
-        return lambda prompts, n: model.generate(prompts, max_new_tokens=n, ignore_eos=True)
+
+        def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+            return model.generate(prompts, max_new_tokens=n, ignore_eos=True)
+
+        generate.kv_cache_bytes = model.memory_stats()["kv_cache_bytes"]  # the pool, allocated at load
+        return generate
     return load_hf(spec["model_dir"], spec["dtype"], compiled=spec["system"] == "torch_compile")
 
 
 # -- workers: one fresh process per job, so compile caches, memory and crashes stay apart ---------------
 
 
+def rss_hwm() -> int | None:
+    """The kernel's peak RSS of this process (VmHWM) in bytes; None where /proc does not have it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class RssPeak:
-    """Peak resident set size while the block runs, sampled from a thread every 2 ms."""
+    """Peak RSS while the block runs: Linux's VmHWM, reset on entry (clear_refs 5), else psutil every 5 ms."""
 
     def __enter__(self):
         import psutil
 
-        self.process, self.peak, self.done = psutil.Process(), 0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.process, self.peak, self.thread = psutil.Process(), 0, None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = rss_hwm() is not None
+        except OSError:
+            self.exact = False
+        if not self.exact:  # a sampling thread: it competes with the model for the cores, so not too often
+            self.done = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         return self
 
     def _sample(self):
         while True:
             self.peak = max(self.peak, self.process.memory_info().rss)
-            if self.done.wait(0.002):
+            if self.done.wait(0.005):
                 return
 
     def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        if self.thread is not None:
+            self.done.set()
+            self.thread.join()
+        self.peak = max(self.peak, rss_hwm() if self.exact else 0, self.process.memory_info().rss)
 
 
 def worker_measure(spec: dict) -> dict:
@@ -226,7 +251,12 @@ def worker_rss(spec: dict) -> dict:
         with RssPeak() as peak:
             generate(prompts, NEW_TOKENS)
         samples.append(peak.peak / 1e6)
-    info = {"after_load_mb": loaded / 1e6, "first_call_peak_mb": first.peak / 1e6}
+    info = {
+        "after_load_mb": loaded / 1e6,
+        "first_call_peak_mb": first.peak / 1e6,
+        "kv_cache_mb": getattr(generate, "kv_cache_bytes", 0) / 1e6,
+        "exact": first.exact,
+    }
     return {"metrics": {"peak_rss_mb": {"samples": samples}}, "info": info}
 
 
@@ -334,8 +364,8 @@ def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit
     table.add_column("unit")
     for system in systems:
         table.add_column(system, justify="right")
-    metrics = dict.fromkeys(row["metric"] for row in rows if row["dtype"] == dtype)
-    for metric in metrics:
+    present = {row["metric"] for row in rows if row["dtype"] == dtype}
+    for metric in [m for m in METRICS if m in present]:
         cells = []
         for system in systems:
             row = next((r for r in rows if (r["system"], r["dtype"], r["metric"]) == (system, dtype, metric)), None)
@@ -379,7 +409,9 @@ def write_plot(path: Path, rows: list[dict], dtypes: list[str], systems: list[st
             x = sorted(set(batches))
             ax.plot(x, [b * limits[dtype] for b in x], "k--", label="bandwidth limit (weights read once per step)")
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s", title=dtype)
-        ax.set_xticks(sorted(set(batches)) or [1], labels=[str(b) for b in sorted(set(batches)) or [1]])
+        ticks = sorted(set(batches)) or [1]
+        ax.set_xticks(ticks, labels=[str(b) for b in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -429,6 +461,8 @@ def main() -> None:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:  # a log file or a pipe: rich would wrap the tables at 80 columns
+        console = Console(width=150)
     start, load = time.perf_counter(), os.getloadavg()[0]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(SYSTEMS):
@@ -506,10 +540,17 @@ def main() -> None:
                 console.print(f"[red]error[/red] {row['system']} {row['dtype']} {row['metric']}: {row['error']}")
         for (system, dtype), info in rss_info.items():
             if info:
+                pool = f", of which the KV pool {info['kv_cache_mb']:.0f} MB" if info.get("kv_cache_mb") else ""
                 console.print(
-                    f"RSS {system} {dtype}: {info['after_load_mb']:.0f} MB after load, "
+                    f"RSS {system} {dtype}: {info['after_load_mb']:.0f} MB after load{pool}; "
                     f"{info['first_call_peak_mb']:.0f} MB peak in the first (warm-up) generate"
+                    + ("" if info.get("exact", True) else " (sampled every 5 ms: VmHWM not available)")
                 )
+        if "torch_compile" in systems:
+            console.print(
+                "torch_compile: transformers compiles the decode step only; its prefill_512_s is an eager prefill "
+                "over a static cache"
+            )
         correctness(console, results, dtypes, systems)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")

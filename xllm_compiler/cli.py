@@ -25,6 +25,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--prefill-buckets", metavar="T,T,...", help="prefill token counts (default 32,64,128,256,512)")
     parser.add_argument("--max-seq-len", type=int, metavar="N", help="longest prompt + generation")
     parser.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV-cache block")
+    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree (run with torchrun)")
     parser.add_argument("--passes", metavar="P,P,...|none", help="run only these passes (pipeline order)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
     parser.add_argument("--verify", action="store_true", help="check every pass's numerics on sample inputs")
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefill_buckets=args.prefill_buckets,
             max_seq_len=args.max_seq_len,
             block_size=args.block_size,
+            tp=args.tp,
             passes=args.passes,
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,

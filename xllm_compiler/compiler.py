@@ -19,12 +19,13 @@ import torch
 from torch import fx
 
 from xllm_compiler import __version__
-from xllm_compiler.artifact.graph_format import GRAPH_FORMAT_VERSION
+from xllm_compiler.artifact.graph_format import GRAPH_FORMAT_VERSION, serialize_graph
 from xllm_compiler.artifact.manifest import FORMAT_VERSION, MANIFEST, file_entries, write_manifest
 from xllm_compiler.artifact.writer import (
     check_output_dir,
     referenced_weights,
     staged_output,
+    weights_file,
     write_graph,
     write_weights,
 )
@@ -32,9 +33,9 @@ from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets, special
 from xllm_compiler.buckets.traffic import Trace, best_buckets, padded_tokens, padding_fraction, read_trace
 from xllm_compiler.cache import CompileCache, cache_key, default_cache_dir
 from xllm_compiler.capture import capture
-from xllm_compiler.errors import OptionsError
+from xllm_compiler.errors import CompileError, OptionsError
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
-from xllm_compiler.models import ModelSpec, build_model, load_spec
+from xllm_compiler.models import ModelSpec, TensorParallel, build_model, load_spec
 from xllm_compiler.models.config import DTYPES
 from xllm_compiler.options import (
     DEFAULT_DECODE_BUCKETS,
@@ -153,6 +154,7 @@ def plan_compile(
             "device": device,
             "max_seq_len": max_seq_len,
             "block_size": options.block_size,
+            "tp": options.tp,
             "buckets": [b.to_json() for b in buckets],
             "passes": [[p.name, p.version, p.identity()] for p in [*passes, *bucket_passes]],
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
@@ -194,29 +196,35 @@ def compile_model(
 
 
 def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, out_dir: Path) -> None:
+    """Run the stages. With tensor parallelism every rank is built (its own weight shards) and must
+    yield the same graphs: one graph set is written, with one weights file per rank."""
     spec, dtype = plan.spec, plan.dtype
+    ranks = [TensorParallel(rank, options.tp) for rank in range(options.tp)]
     with report.stage("weights", "Loading weights"):
-        model = build_model(plan.model_dir, dtype, plan.max_seq_len, spec)
-        parameters = sum(p.numel() for p in model.parameters())
-    kv_specs = [
-        kv_cache_input(i, dtype, options.block_size, spec.num_kv_heads, spec.head_dim) for i in range(spec.num_layers)
-    ]
+        models = [build_model(plan.model_dir, dtype, plan.max_seq_len, spec, tp) for tp in ranks]
+        parameters = sum(p.numel() for p in models[0].parameters())
+    kv_heads = spec.num_kv_heads // options.tp
+    kv_specs = [kv_cache_input(i, dtype, options.block_size, kv_heads, spec.head_dim) for i in range(spec.num_layers)]
     with report.stage("capture", "Tracing with torch.export"):
-        gm = capture(model, STEP_INPUTS, kv_specs)
-        del model
-        nodes_captured = count_nodes(gm)
+        graphs = [capture(model, STEP_INPUTS, kv_specs) for model in models]
+        del models
+        nodes_captured = count_nodes(graphs[0])
     with report.stage("passes", "Running graph passes"):
-        check = NumericsCheck(gm, dtype) if options.verify else None
         dump = Path(options.debug_dump) if options.debug_dump else None
-        records = PassManager(plan.passes, check=check, dump_dir=dump).run(gm)
-    bucket_graphs: dict[Bucket, fx.GraphModule] = {}
+        records = []
+        for rank, gm in enumerate(graphs):
+            check = NumericsCheck(gm, dtype) if options.verify and options.tp == 1 else None
+            records.append(PassManager(plan.passes, check=check, dump_dir=dump if rank == 0 else None).run(gm))
+    bucket_graphs: list[dict[Bucket, fx.GraphModule]] = [{} for _ in graphs]
     seconds: dict[Bucket, float] = {}
     with report.stage("buckets", "Specialising and planning buckets"):
         for bucket in plan.buckets:
             start = time.perf_counter()
-            bucket_graphs[bucket] = specialize(gm, bucket)
-            PassManager(plan.bucket_passes).run(bucket_graphs[bucket])
+            for rank, gm in enumerate(graphs):
+                bucket_graphs[rank][bucket] = specialize(gm, bucket)
+                PassManager(plan.bucket_passes).run(bucket_graphs[rank][bucket])
             seconds[bucket] = time.perf_counter() - start
+    gm, buckets0 = graphs[0], bucket_graphs[0]
     report.sections.update(
         {
             "xllm_compiler_version": __version__,
@@ -226,26 +234,41 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 "num_layers": spec.num_layers,
                 "parameters": parameters,
                 "dtype": plan.dtype_name,
+                "tensor_parallel": options.tp,
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
-            "passes": [r.to_json() for r in records],
-            "buckets": _bucket_report(plan, bucket_graphs, seconds),
-            "memory": {
-                b.name: g.meta["memory_plan"].summary() for b, g in bucket_graphs.items() if "memory_plan" in g.meta
-            },
+            "passes": [r.to_json() for r in records[0]],
+            "buckets": _bucket_report(plan, buckets0, seconds),
+            "memory": {b.name: g.meta["memory_plan"].summary() for b, g in buckets0.items() if "memory_plan" in g.meta},
             "cache": {"key": plan.key, "hit": False},
         }
     )
     with staged_output(out_dir, options.force, plan.model_dir) as root:
         with report.stage("write", "Writing the artifact"):
-            files = [write_weights(root, referenced_weights([gm, *bucket_graphs.values()]))]
+            weight_files = [
+                write_weights(root, referenced_weights([g, *b.values()]), weights_file(rank, options.tp))
+                for rank, (g, b) in enumerate(zip(graphs, bucket_graphs, strict=True))
+            ]
             graph_files = {"dynamic": write_graph(root, "dynamic", gm)}
-            graph_files.update({b.name: write_graph(root, b.name, g) for b, g in bucket_graphs.items()})
-            files += graph_files.values()
+            graph_files.update({b.name: write_graph(root, b.name, g) for b, g in buckets0.items()})
+            _check_ranks_agree(graphs, bucket_graphs)
+            files = [*weight_files, *graph_files.values()]
             if (plan.model_dir / TOKENIZER_FILE).is_file():
                 shutil.copyfile(plan.model_dir / TOKENIZER_FILE, root / TOKENIZER_FILE)
                 files.append(TOKENIZER_FILE)
-        _finish(root, _manifest(plan, options, graph_files, records), report, files)
+        manifest = _manifest(plan, options, graph_files, records[0])
+        manifest["tensor_parallel"] = {"size": options.tp, "weights": weight_files}
+        _finish(root, manifest, report, files)
+
+
+def _check_ranks_agree(graphs: list[fx.GraphModule], bucket_graphs: list[dict[Bucket, fx.GraphModule]]) -> None:
+    """Every rank must have traced the very same graphs: one graph set serves them all, and ranks that
+    issued different collectives (or in another order) would deadlock."""
+    reference = [serialize_graph(graphs[0]), *(serialize_graph(g) for g in bucket_graphs[0].values())]
+    for rank in range(1, len(graphs)):
+        mine = [serialize_graph(graphs[rank]), *(serialize_graph(g) for g in bucket_graphs[rank].values())]
+        if mine != reference:
+            raise CompileError(f"tensor-parallel rank {rank} traced a different graph than rank 0")
 
 
 def _finish(
@@ -318,6 +341,7 @@ def _manifest(plan: CompilePlan, options: CompileOptions, graph_files: dict[str,
             "prefill_buckets": [b.num_tokens for b in plan.buckets if b.phase == PREFILL],
             "max_seq_len": plan.max_seq_len,
             "block_size": options.block_size,
+            "tp": options.tp,
             "passes": list(options.passes) if options.passes is not None else None,
             "disable_passes": list(options.disable_passes),
             "buckets_from": options.buckets_from,
@@ -326,7 +350,7 @@ def _manifest(plan: CompilePlan, options: CompileOptions, graph_files: dict[str,
             "architecture": spec.architecture,
             "vocab_size": spec.vocab_size,
             "num_layers": spec.num_layers,
-            "num_kv_heads": spec.num_kv_heads,
+            "num_kv_heads": spec.num_kv_heads // options.tp,
             "head_dim": spec.head_dim,
             "dtype": plan.dtype_name,
             "max_seq_len": plan.max_seq_len,

@@ -49,6 +49,8 @@ class CompileOptions:
     """With buckets_from: buckets per phase (default: as many as the default series has)."""
     cache_dir: str | None = None
     """Compile cache folder; None means the default (see xllm_compiler.cache), '' disables it."""
+    tp: int = 1
+    """Tensor-parallel degree: one weights file per rank; run with torchrun --nproc-per-node tp."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -113,6 +115,7 @@ def make_options(**kwargs) -> CompileOptions:
         buckets_from=None if kwargs.get("buckets_from") is None else str(kwargs["buckets_from"]),
         num_buckets=_positive_or_none(kwargs.get("num_buckets"), "num_buckets"),
         cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
+        tp=_positive_or_none(kwargs.get("tp", 1), "tp"),
     )
 
 

@@ -64,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             ignore_eos=args.ignore_eos,
         )
-        for tokens in outputs:
-            print(model.decode(tokens) if as_text else ",".join(map(str, tokens)))
+        if model.engine.group.rank == 0:  # under torchrun, one rank speaks for all
+            for tokens in outputs:
+                print(model.decode(tokens) if as_text else ",".join(map(str, tokens)))
         return EXIT_OK
 
     return guarded("xllm-run", body, args.debug)

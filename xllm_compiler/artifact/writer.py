@@ -99,8 +99,13 @@ def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner), leaf)
 
 
-def write_weights(root: Path, weights: dict[str, torch.Tensor]) -> str:
-    """weights.safetensors; tensors sharing storage are stored as separate copies (safetensors rule)."""
+def weights_file(rank: int, tp: int) -> str:
+    """weights.safetensors, or weights.rank<r>.safetensors for each rank of a tensor-parallel artifact."""
+    return WEIGHTS_FILE if tp == 1 else f"weights.rank{rank}.safetensors"
+
+
+def write_weights(root: Path, weights: dict[str, torch.Tensor], filename: str = WEIGHTS_FILE) -> str:
+    """Write ``filename``; tensors sharing storage are stored as separate copies (safetensors rule)."""
     seen: set[int] = set()
     tensors = {}
     for name, tensor in weights.items():
@@ -108,8 +113,8 @@ def write_weights(root: Path, weights: dict[str, torch.Tensor]) -> str:
         storage = tensor.untyped_storage().data_ptr()
         tensors[name] = tensor.clone() if storage in seen else tensor
         seen.add(storage)
-    save_file(tensors, str(root / WEIGHTS_FILE))
-    return WEIGHTS_FILE
+    save_file(tensors, str(root / filename))
+    return filename
 
 
 def write_graph(root: Path, name: str, gm: fx.GraphModule) -> str:
