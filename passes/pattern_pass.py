@@ -19,6 +19,7 @@ propagated with the graph's fake-tensor mode. A pass may hold several rules, tri
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_arg
 
@@ -106,8 +108,10 @@ def _new_nodes_between(first: fx.Node, stop: fx.Node) -> list[fx.Node]:
 
 
 def _propagate_meta(nodes: list[fx.Node], fake_mode) -> None:
-    """Fake-run the new nodes so they carry shapes like the rest of the graph."""
-    with fake_mode, torch.no_grad():
+    """Fake-run the new nodes so they carry shapes like the rest of the graph (graphs whose shapes are
+    meta-device tensors, as the micro-batch split leaves them, run on the meta device instead)."""
+    context = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with context, torch.no_grad():
         for node in nodes:
             args = map_arg(node.args, lambda n: n.meta["val"])
             kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
@@ -147,6 +151,12 @@ def apply_replacement(graph: fx.Graph, match: Match, replacement: Callable[..., 
     return True
 
 
+def _on_meta(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_on_meta(v) for v in value)
+    return isinstance(value, torch.Tensor) and value.device.type == "meta" and not is_fake(value)
+
+
 class FusionPass(GraphPass):
     """A graph pass made of pattern/replacement rules; ``matches`` counts the rewrites."""
 
@@ -176,7 +186,8 @@ class FusionPass(GraphPass):
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         dtype = graph_float_dtype(gm)
-        fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+        values = [n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta]
+        fake_mode = None if any(_on_meta(v) for v in values) else detect_fake_mode(values)
         count = 0
         for index, rule in enumerate(self.rules):
             pattern = self.pattern_graph(index, dtype)

@@ -52,11 +52,21 @@ class TensorParallelGroup:
         self.group_name = dist.group.WORLD.group_name
 
     def bind(self, graphs: dict[str, fx.Graph]) -> None:
-        """Point the graphs' collectives at this run's process group."""
+        """Point every ``group_name`` argument (functional collectives, fused collective ops) at this
+        run's process group."""
         for graph in graphs.values():
             for node in graph.nodes:
-                if node.op == "call_function" and getattr(node.target, "namespace", "") == "_c10d_functional":
-                    node.args = tuple(self.group_name if a == TRACED_GROUP else a for a in node.args)
+                schema = getattr(node.target, "_schema", None)
+                if node.op != "call_function" or schema is None:
+                    continue
+                names = [a.name for a in schema.arguments]
+                if "group_name" not in names:
+                    continue
+                position = names.index("group_name")
+                if position < len(node.args) and node.args[position] == TRACED_GROUP:
+                    node.args = (*node.args[:position], self.group_name, *node.args[position + 1 :])
+                if node.kwargs.get("group_name") == TRACED_GROUP:
+                    node.kwargs = {**node.kwargs, "group_name": self.group_name}
 
     def agree(self, tokens: list[int]) -> list[int]:
         """Rank 0's sampled tokens, on every rank (sampling with temperature must not diverge)."""

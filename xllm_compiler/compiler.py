@@ -44,6 +44,7 @@ from xllm_compiler.options import (
     CompileOptions,
 )
 from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, select_passes
+from xllm_compiler.passes.comm.collectives import comm_report
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
@@ -240,6 +241,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             "passes": [r.to_json() for r in records[0]],
             "buckets": _bucket_report(plan, buckets0, seconds),
             "memory": {b.name: g.meta["memory_plan"].summary() for b, g in buckets0.items() if "memory_plan" in g.meta},
+            "comm": {b.name: comm_report(g) for b, g in buckets0.items()} if options.tp > 1 else {},
             "cache": {"key": plan.key, "hit": False},
         }
     )

@@ -166,8 +166,11 @@ def _write_into(graph: fx.Graph, node: fx.Node, buffers: dict[Any, fx.Node]) -> 
         return
     target, outs = xllm_form
     outputs = [buffers[(node, i)] for i in range(len(outs))]
+    names = [a.name for a in node.target._schema.arguments]
+    arguments = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     node.target = target
-    node.args = (*node.args, *outputs)
+    node.args = ()
+    node.kwargs = {**arguments, **dict(zip(outs, outputs, strict=True))}
     if len(outs) == 1:
         node.replace_all_uses_with(outputs[0])
     else:

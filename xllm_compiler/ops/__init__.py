@@ -5,7 +5,7 @@ Importing this package registers the ops; every other part of the project may im
 directly instead of going through the dispatcher (one Python call instead of a round trip).
 """
 
-from xllm_compiler.ops import activation, attention, norm, reference, rotary
+from xllm_compiler.ops import activation, attention, collectives, norm, reference, rotary
 
 KERNELS = {
     "xllm::rms_norm": norm.rms_norm_kernel,
@@ -19,6 +19,7 @@ KERNELS = {
     "xllm::silu_and_mul_out": activation.silu_and_mul_out_kernel,
     "xllm::rotary_embedding_out": rotary.rotary_embedding_out_kernel,
     "xllm::paged_attention_out": attention.paged_attention_out_kernel,
+    "xllm::all_reduce_add_rms_norm": collectives.all_reduce_add_rms_norm_kernel,
 }
 
 #: The ``*_out`` form of each op, with the names of its output arguments in return order: the memory
@@ -31,4 +32,4 @@ OUT_FORMS = {
     "xllm::paged_attention": ("xllm::paged_attention_out", ("out",)),
 }
 
-__all__ = ["KERNELS", "OUT_FORMS", "activation", "attention", "norm", "reference", "rotary"]
+__all__ = ["KERNELS", "OUT_FORMS", "activation", "attention", "collectives", "norm", "reference", "rotary"]

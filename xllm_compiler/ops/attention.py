@@ -92,11 +92,12 @@ def _attend_decode_batch(
     scale: float,
     sliding_window: int,
 ) -> torch.Tensor:
-    """One query token per sequence: gather every context into one padded batch and attend once."""
+    """One query token per sequence (row i of ``block_tables`` for query i): gather every context into
+    one padded batch and attend once."""
     block_size = kv_cache.shape[2]
     max_len = max(seq_lens)
     num_blocks = -(-max_len // block_size)
-    tables = block_tables[: len(seq_lens), :num_blocks]
+    tables = block_tables[:, :num_blocks]
     keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     lengths = torch.tensor(seq_lens, device=query.device)[:, None]
@@ -132,28 +133,37 @@ def paged_attention_out_kernel(
     scale: float,
     sliding_window: int,
     out: torch.Tensor,
+    token_offset: int = 0,
 ) -> None:
-    """paged_attention writing its result into ``out`` [T, H, D] (a planned arena buffer)."""
+    """paged_attention writing its result into ``out`` (a planned arena buffer).
+
+    ``token_offset``: query/key/value/slot_mapping/out hold the step's tokens [offset, offset + n)
+    while the metadata describes the whole step, so a micro-batch can attend on its own; a sequence
+    cut in two sees, in its second half, the keys its first half wrote.
+    """
     _store(key, value, kv_cache, slot_mapping)
     lens = query_lens.tolist()
     contexts = seq_lens.tolist()
-    total = sum(lens)
-    out[total:].zero_()  # padding tokens
-    active = [s for s, n in enumerate(lens) if n > 0]
-    if not active:
-        return
-    if all(lens[s] == 1 for s in active) and len(active) > 1 and active == list(range(len(active))):
-        # Decode: sequences 0..n-1 own tokens 0..n-1, one each.
-        n = len(active)
-        out[:n] = _attend_decode_batch(query[:n], kv_cache, block_tables, contexts[:n], scale, sliding_window)
-        return
+    low, high = token_offset, token_offset + query.shape[0]
+    pieces = []  # (sequence, first row, end row, context length seen by its last query)
     start = 0
     for s, n in enumerate(lens):
-        if n > 0:
-            out[start : start + n] = _attend_one_sequence(
-                query[start : start + n], kv_cache, block_tables[s], contexts[s], scale, sliding_window
-            )
+        first, last = max(start, low), min(start + n, high)
+        if first < last:
+            pieces.append((s, first - low, last - low, contexts[s] - n + (last - start)))
         start += n
+    out[max(min(start, high) - low, 0) :].zero_()  # padding tokens
+    if len(pieces) > 1 and all(row1 - row0 == 1 and row0 == i for i, (_, row0, row1, _) in enumerate(pieces)):
+        # Decode: rows 0..n-1 are one token each of n sequences.
+        rows = len(pieces)
+        tables = block_tables[[s for s, *_ in pieces]]
+        lengths = [length for *_, length in pieces]
+        out[:rows] = _attend_decode_batch(query[:rows], kv_cache, tables, lengths, scale, sliding_window)
+        return
+    for s, row0, row1, length in pieces:
+        out[row0:row1] = _attend_one_sequence(
+            query[row0:row1], kv_cache, block_tables[s], length, scale, sliding_window
+        )
 
 
 def paged_attention_kernel(
@@ -167,15 +177,28 @@ def paged_attention_kernel(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int,
+    token_offset: int = 0,
 ) -> torch.Tensor:
     """Write the step's K/V into the cache, then attend causally over each sequence's context.
 
     query [T, H, D], key/value [T, Hkv, D]; returns [T, H, D]. ``sliding_window`` 0 means full
     attention; otherwise a query at position p sees keys at positions (p - window, p].
+    ``token_offset``: see paged_attention_out_kernel.
     """
     out = torch.empty_like(query)
     paged_attention_out_kernel(
-        query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window, out
+        query,
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        query_lens,
+        seq_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        out,
+        token_offset,
     )
     return out
 
@@ -184,7 +207,9 @@ paged_attention = torch.library.custom_op("xllm::paged_attention", paged_attenti
 
 
 @paged_attention.register_fake
-def _(query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window):
+def _(
+    query, key, value, kv_cache, slot_mapping, query_lens, seq_lens, block_tables, scale, sliding_window, token_offset=0
+):
     return torch.empty_like(query)
 
 
