@@ -35,8 +35,8 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, tp.local(in_features)))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        shard = nn.Linear(tp.local(in_features), out_features, bias=bias)  # nn.Linear's initialisation
+        self.weight, self.bias = shard.weight, shard.bias
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

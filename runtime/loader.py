@@ -82,7 +82,7 @@ def blocks_for_utilization(utilization: float, total_bytes: int, used_bytes: int
     if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
         raise OptionsError(f"max_memory_utilization must be in (0, 1], got {utilization!r}")
     budget = utilization * total_bytes - used_bytes
-    blocks = int(budget // block_bytes) + RESERVED_BLOCKS
+    blocks = int(budget // block_bytes)  # the reserved padding block counts against the budget too
     if blocks <= RESERVED_BLOCKS:
         raise OptionsError(
             f"max_memory_utilization {utilization} leaves no room for the KV cache: weights and arena take "

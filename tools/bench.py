@@ -22,9 +22,11 @@ Figures, each the median, min and max of --runs runs:
                     torch_compile: the first generate() (batch 1, 32-token prompt, 64 new tokens) in a fresh
                     process with an empty inductor cache dir. Every compile run is a fresh process.
   prefill_512_s     a 512-token prompt producing one token (generate, max_new_tokens=1), after a warm-up.
-  decode_bsB_tok_s  B prompts of 32 tokens: 63 * B / (time(64 new tokens) - time(1 new token)), eos ignored.
-  peak_rss_mb       in a process that loads only that system: peak RSS (psutil, sampled every 2 ms) during a
-                    generate() of batch 8 x 64 tokens after a warm-up one; MB = 10**6 bytes.
+  decode_bsB_tok_s  B prompts of 32 tokens: 63 * B / (time(64 new tokens) - time(1 new token)), eos ignored;
+                    each run's 64-token time less the median of the runs' 1-token times.
+  peak_rss_mb       in a process that loads only that system: peak RSS during a generate() of batch 8 x 64
+                    tokens after a warm-up one (which compiles, for torch_compile); Linux's VmHWM reset just
+                    before (else psutil, sampled every 5 ms); MB = 10**6 bytes.
 The machine's read bandwidth (best of summing a 1 GB float32 tensor) gives the bandwidth-bound decode
 limit at batch 1: weight bytes read per step (every linear incl. lm_head, norms, one embedding row) /
 bandwidth. At batch B one read of the weights serves B tokens, so decode figures are shown as a
@@ -33,8 +35,8 @@ fraction of B x that limit (KV-cache reads are left out: they are small at these
 --json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
 "max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
 Machine facts (bandwidth, limits, threads) and the correctness check (greedy tokens of each system
-against hf_eager) are printed on the terminal only. --quick: batches 1 and 8, two timed runs, one
-compile run: under 10 minutes on 2 cores.
+against hf_eager) are printed on the terminal only. --quick: batches 1 and 8, two timed runs (one for
+RSS), one compile run: under 10 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -213,12 +215,15 @@ def worker_measure(spec: dict) -> dict:
     def decode(batch: int) -> list[float]:
         prompts = decode_prompts[:batch]
         generate(prompts, NEW_TOKENS)  # warm-up (torch_compile: compiles this batch size)
-        samples = []
+        ones, fulls = [], []
         for _ in range(runs):
-            one, _ = timed(generate, prompts, 1)
+            ones.append(timed(generate, prompts, 1)[0])
             full, tokens[str(batch)] = timed(generate, prompts, NEW_TOKENS)
-            samples.append((NEW_TOKENS - 1) * batch / (full - one))
-        return samples
+            fulls.append(full)
+        one = statistics.median(ones)  # one prefill: a stall in it would otherwise inflate a run's tokens/s
+        if max(fulls) <= one:
+            raise RuntimeError("generating 64 tokens never took longer than generating 1")
+        return [(NEW_TOKENS - 1) * batch / (full - one) for full in fulls if full > one]
 
     attempt("prefill_512_s", prefill)
     for batch in spec["batches"]:
@@ -273,13 +278,14 @@ def worker_main(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-def run_worker(spec: dict, work: Path) -> dict:
-    """Run one worker process; a crash or a timeout becomes {"error": ...}."""
+def run_worker(spec: dict, work: Path, inductor_cache: Path | None = None) -> dict:
+    """Run one worker process; a crash or a timeout becomes {"error": ...}. Without ``inductor_cache`` it gets
+    an empty inductor cache of its own, so a torch.compile in it compiles from scratch."""
     name = f"{spec['mode']}-{spec['system']}-{spec['dtype']}-{len(list(work.glob('*.spec.json')))}"
     spec = spec | {"result": str(work / f"{name}.result.json")}
     (work / f"{name}.spec.json").write_text(json.dumps(spec))
     log = work / f"{name}.log"
-    env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}  # no warm inductor cache
+    env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache or work / f"inductor-{name}")}
     command = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(work / f"{name}.spec.json")]
     try:
         with open(log, "w") as out:
@@ -515,7 +521,8 @@ def main() -> None:
                     batches=batches,
                 )
                 console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: measuring")
-                measured = run_worker(spec | {"mode": "measure"}, work)
+                inductor_cache = work / f"inductor-measure-{system}-{dtype}"
+                measured = run_worker(spec | {"mode": "measure"}, work, inductor_cache)
                 results[(system, dtype)] = measured
                 metrics = measured.get("metrics", {})
                 if system != "hf_eager":
@@ -524,7 +531,8 @@ def main() -> None:
                         sample = extra.get("metrics", {}).get("compile_s", {}).get("samples", [])
                         metrics.setdefault("compile_s", {}).setdefault("samples", []).extend(sample)
                 console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: peak RSS")
-                rss = run_worker(spec | {"mode": "rss"}, work)
+                rss_spec = spec | {"mode": "rss", "runs": 1 if args.quick else runs}
+                rss = run_worker(rss_spec, work, inductor_cache)  # a warm inductor cache: its compile is not timed
                 rss_info[(system, dtype)] = rss.get("info", {})
                 metrics["peak_rss_mb"] = rss.get("metrics", {}).get("peak_rss_mb", {"error": rss.get("error")})
                 names = ["compile_s"] * (system != "hf_eager") + ["prefill_512_s", *map(decode_metric, batches)]
@@ -540,7 +548,7 @@ def main() -> None:
                 console.print(f"[red]error[/red] {row['system']} {row['dtype']} {row['metric']}: {row['error']}")
         for (system, dtype), info in rss_info.items():
             if info:
-                pool = f", of which the KV pool {info['kv_cache_mb']:.0f} MB" if info.get("kv_cache_mb") else ""
+                pool = f" (KV pool of {info['kv_cache_mb']:.0f} MB allocated)" if info.get("kv_cache_mb") else ""
                 console.print(
                     f"RSS {system} {dtype}: {info['after_load_mb']:.0f} MB after load{pool}; "
                     f"{info['first_call_peak_mb']:.0f} MB peak in the first (warm-up) generate"

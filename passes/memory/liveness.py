@@ -142,12 +142,14 @@ class Liveness:
         """Storages the planner may place: allocated by the graph, dead by its end."""
         return [s for key, s in self.storages.items() if key not in self.pinned and s.nbytes > 0]
 
-    def lower_bound(self, storages: list[Storage]) -> int:
-        """The peak, over the schedule, of the bytes of ``storages`` alive at once."""
+    def lower_bound(self, storages: list[Storage], alignment: int = 1) -> int:
+        """The peak, over the schedule, of the bytes of ``storages`` alive at once, each rounded up to
+        ``alignment`` (the arena's allocation granule): no placement can use less."""
         events: dict[int, int] = {}
         for s in storages:
-            events[s.start] = events.get(s.start, 0) + s.nbytes
-            events[s.end + 1] = events.get(s.end + 1, 0) - s.nbytes
+            size = -(-s.nbytes // alignment) * alignment
+            events[s.start] = events.get(s.start, 0) + size
+            events[s.end + 1] = events.get(s.end + 1, 0) - size
         live = peak = 0
         for step in sorted(events):
             live += events[step]

@@ -3,7 +3,8 @@
 Per bucket (after specialisation, so every size is known): liveness gives each storage a byte size
 and a lifetime; greedy-by-size (largest first, each at the lowest offset that no overlapping-lifetime
 storage occupies) assigns offsets, which is near-optimal on transformer graphs. The plan is reported
-against the lower bound (the peak of live bytes over the schedule) and the naive sum.
+against the lower bound (the peak of live bytes over the schedule, at the arena's 64-byte granule)
+and the naive sum.
 
 Then each planned op is switched to a form that writes into its arena buffer: ATen's ``out=``
 overload, or our ops' ``*_out`` forms (ops/__init__.py OUT_FORMS). An op with neither keeps
@@ -115,6 +116,8 @@ def _rewritable(node: fx.Node, liveness: Liveness) -> bool:
 @graph_pass("plan_memory", version=1)
 def plan_memory(gm: fx.GraphModule) -> PassResult:
     """Plan a bucket graph's activations into one arena (gm.meta['memory_plan'])."""
+    if "memory_plan" in gm.meta:
+        return PassResult(changed=False)  # planned already: its buffers are in the graph
     liveness = Liveness(gm)
     candidates = {s.key[0] for s in liveness.planned() if s.key[0].op == "call_function"}
     rewritable = {node for node in candidates if _rewritable(node, liveness)}
@@ -122,7 +125,7 @@ def plan_memory(gm: fx.GraphModule) -> PassResult:
     offsets, arena_bytes = greedy_by_size(storages)
     plan = MemoryPlan(
         arena_bytes=arena_bytes,
-        lower_bound_bytes=liveness.lower_bound(storages),
+        lower_bound_bytes=liveness.lower_bound(storages, ALIGNMENT),
         naive_bytes=sum(_align(s.nbytes) for s in storages),
         planned_nodes=len(rewritable),
         unplanned_nodes=len(candidates - rewritable),

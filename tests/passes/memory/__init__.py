@@ -71,20 +71,35 @@ def _plan_buckets(name: str, gm: fx.GraphModule, block_size: int, max_seq_len: i
 _MODELS: dict[str, ModelBuckets] = {}
 
 
+def _initialised(gm: fx.GraphModule, seed: int = 0) -> fx.GraphModule:
+    """``gm`` with seeded random weights in every projection. testing.build_graph leaves the row-parallel
+    ones (o_proj, down_proj) as torch.empty, i.e. whatever the memory held (test_plan_memory.py::
+    test_tiny_config_weights_are_initialised); numerics of uninitialised weights compare nothing. The
+    tensors are replaced, not written: the graph cache shares them with other tests."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(gm.named_buffers()):
+        if name.endswith("proj.weight"):
+            module, _, leaf = name.rpartition(".")
+            value = torch.randn(tensor.shape, generator=generator) / tensor.shape[-1] ** 0.5
+            setattr(gm.get_submodule(module), leaf, value.to(tensor.dtype))
+    return gm
+
+
 def tiny_config_buckets(architecture: str, dtype: torch.dtype = torch.float32) -> ModelBuckets:
     """Every default bucket of ``architecture``'s tiny config (xllm_compiler.testing), planned."""
     key = f"{architecture}/{dtype}"
     if key not in _MODELS:
         config = testing.tiny_config(architecture)
-        gm = cached_build_graph(config, dtype)
+        gm = _initialised(cached_build_graph(config, dtype))
         _MODELS[key] = _plan_buckets(key, gm, testing.BLOCK_SIZE, config["max_position_embeddings"])
     return _MODELS[key]
 
 
-def checkpoint_buckets(model_dir: Path = TINY_LLAMA) -> ModelBuckets:
-    """Every default bucket of a checkpoint, captured and planned in process as xllm-compile does."""
+def checkpoint_buckets(model_dir: Path = TINY_LLAMA, keep: bool = True) -> ModelBuckets:
+    """Every default bucket of a checkpoint, captured and planned in process as xllm-compile does (kept for
+    the session unless ``keep`` is false: big models)."""
     key = str(model_dir)
-    if key not in _MODELS:
+    if key not in _MODELS or not keep:
         spec = load_spec(model_dir)
         max_seq_len = min(spec.max_position_embeddings, MAX_SEQ_LEN_CAP)
         model = build_model(model_dir, torch.float32, max_seq_len, spec)
@@ -93,7 +108,11 @@ def checkpoint_buckets(model_dir: Path = TINY_LLAMA) -> ModelBuckets:
             for i in range(spec.num_layers)
         ]
         gm = capture(model, STEP_INPUTS, kv)
-        _MODELS[key] = _plan_buckets(model_dir.name, gm, DEFAULT_BLOCK_SIZE, max_seq_len)
+        del model
+        planned = _plan_buckets(model_dir.name, gm, DEFAULT_BLOCK_SIZE, max_seq_len)
+        if not keep:
+            return planned
+        _MODELS[key] = planned
     return _MODELS[key]
 
 

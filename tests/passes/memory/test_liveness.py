@@ -136,7 +136,10 @@ def multi_output(x, residual):
 def test_getitems_of_multi_output_ops_are_separate_storages():
     gm = fake_graph(multi_output, torch.randn(6, 4), torch.randn(6, 4))
     liveness = Liveness(gm)
-    for op, dtypes in ((xllm.fused_add_rms_norm.default, (torch.float32,) * 2), (aten.max.dim, (torch.float32, torch.int64))):
+    for op, dtypes in (
+        (xllm.fused_add_rms_norm.default, (torch.float32,) * 2),
+        (aten.max.dim, (torch.float32, torch.int64)),
+    ):
         (call,) = calls(gm, op)
         items = sorted((u for u in call.users if u.target is operator.getitem), key=lambda u: u.args[1])
         assert [liveness.storage_of[(u, 0)] for u in items] == [(call, 0), (call, 1)]
