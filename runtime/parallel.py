@@ -8,6 +8,7 @@ that a rank that dies makes the others fail with an error instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -43,6 +44,9 @@ class TensorParallelGroup:
                 )
             timeout = timedelta(seconds=float(os.environ.get("XLLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
             dist.init_process_group(backend=BACKENDS[device.type], timeout=timeout)
+            # Tear the group down before the interpreter does: a backend thread still finishing a
+            # collective would otherwise take the interpreter lock mid-shutdown and abort the process.
+            atexit.register(dist.destroy_process_group)
         if dist.get_world_size() != self.size:
             raise DeviceError(
                 f"this artifact is tensor-parallel (tp={self.size}) but the process group has "

@@ -44,17 +44,23 @@ def overlap_window(issue: fx.Node) -> int:
     return count
 
 
+#: Fused ops that contain an all-reduce of their first argument (and so leave no window to overlap).
+FUSED_ISSUES = {torch.ops.xllm.all_reduce_add_rms_norm.default}
+
+
 def comm_report(gm: fx.GraphModule) -> dict[str, float]:
-    """Collectives issued per call, bytes they move, and the overlap windows the schedule leaves."""
+    """Collectives issued per call (fused ones included), bytes they move, and the overlap windows
+    the schedule leaves."""
     issues = [n for n in gm.graph.nodes if is_issue(n)]
+    fused = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FUSED_ISSUES]
     nbytes = 0
-    for issue in issues:
+    for issue in [*issues, *fused]:
         value = issue.args[0].meta.get("val")
         if isinstance(value, torch.Tensor):
             nbytes += int(_numel(value, gm)) * value.element_size()
-    windows = [overlap_window(i) for i in issues]
+    windows = [overlap_window(i) for i in issues] + [0] * len(fused)
     return {
-        "collectives": len(issues),
+        "collectives": len(issues) + len(fused),
         "bytes": nbytes,
         "overlapped": sum(1 for w in windows if w > 0),
         "mean_overlap_window": round(sum(windows) / len(windows), 2) if windows else 0.0,

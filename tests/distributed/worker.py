@@ -1,28 +1,75 @@
 """A torchrun worker for the tensor-parallel tests: one launch checks many artifacts.
 
     python -m torch.distributed.run --nproc-per-node 2 --master-port PORT tests/distributed/worker.py \
-        JOBS.json OUT_DIR [--exit-after-load RANK]
+        JOBS.json OUT_DIR [--exit-after-load RANK | --stall-after-load RANK]
 
-JOBS.json: ``{"artifacts": {name: path}, "prompts": [[ids...]], "max_new_tokens": N}``. Every rank loads
-each artifact with ``xllm_compiler.load`` (the first load joins the process group), runs ``logits()``
-and greedy ``generate()`` (eos ignored) on the prompts, and writes ``OUT_DIR/rank<r>.json``:
-``{"rank", "world_size", "results": {name: {"logits", "tokens", "graphs"}}}`` (``graphs``: the graphs
-the run used). Rank 0's file is the answer; the others let a test check that the ranks agree.
+JOBS.json: ``{"artifacts": {name: path}, "prompts": [[ids...]], "max_new_tokens": N, "sample_seed": S,
+"xllm_run": [argv...] (optional)}``.
 
-On an error a rank writes ``{"rank", "error": {"type", "message"}}`` instead and exits 1.
-``--exit-after-load RANK`` makes that rank leave with ``os._exit(0)`` once everything is loaded,
-before any step runs: a rank that vanishes mid-run. Exit status 0, so that torchrun does not tear the
-other ranks down itself: they must notice on their own.
+Every rank loads each artifact with ``xllm_compiler.load`` (the first load joins the process group),
+runs ``logits()``, greedy ``generate()`` and ``generate(temperature=1.0, seed=S + 1000 * rank)`` (eos
+ignored) on the prompts, and writes ``OUT_DIR/rank<r>.json``: ``{"rank", "world_size", "seconds",
+"results": {name: {"logits", "tokens", "sampled", "graphs"}}}`` (``graphs``: those the run used). Rank
+0's file is the answer; the others let a test check that the ranks agree.
+
+With ``xllm_run``, each rank then runs ``xllm_compiler.run.main(argv)`` (xllm-run in this process), then
+the atexit handlers (what a normal exit would run before the interpreter shuts down), and records under
+``"xllm_run"`` its exit code and whether the process group is still up: a group left up at shutdown
+lets gloo's worker threads race the interpreter's finalisation (``terminate called without an active
+exception``). The worker itself then tears the group down, so its own exit is clean.
+
+On an error a rank writes ``{"rank", "error": {"type", "message", "seconds"}}`` instead and exits 1.
+``--exit-after-load RANK`` makes that rank leave with ``os._exit(0)`` once everything is loaded, before
+any step runs: a rank that vanishes mid-run. Exit status 0, so that torchrun does not tear the other
+ranks down itself: they must notice on their own. ``--stall-after-load RANK`` makes it sleep instead:
+a rank that hangs.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+
+def run_jobs(jobs: dict, rank: int, exit_after_load: int | None, stall_after_load: int | None) -> dict:
+    import torch.distributed as dist
+
+    import xllm_compiler
+    from xllm_compiler.run import main as xllm_run
+
+    models = {name: xllm_compiler.load(path) for name, path in jobs["artifacts"].items()}
+    if exit_after_load == rank:
+        sys.stdout.flush()
+        os._exit(0)
+    if stall_after_load == rank:
+        time.sleep(600)
+    seed = jobs.get("sample_seed", 0) + 1000 * rank  # ranks sample apart: they must still keep rank 0's tokens
+    results = {}
+    for name, model in models.items():
+        prompts, new_tokens = jobs["prompts"], jobs["max_new_tokens"]
+        results[name] = {
+            "logits": model.logits(prompts).tolist(),
+            "tokens": model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
+            "sampled": model.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=seed, ignore_eos=True),
+            "graphs": model.engine.graphs.resident(),
+        }
+    report = {"results": results}
+    if models:
+        group = next(iter(models.values())).engine.group
+        report.update(rank=group.rank, world_size=group.size)
+    if "xllm_run" in jobs:
+        code = xllm_run(jobs["xllm_run"])
+        sys.stdout.flush()
+        atexit._run_exitfuncs()
+        report["xllm_run"] = {"code": code, "process_group_up_at_exit": dist.is_initialized()}
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return report
 
 
 def main() -> int:
@@ -36,31 +83,13 @@ def main() -> int:
     out_file = args.out / f"rank{rank}.json"
     start = time.monotonic()
     try:
-        import xllm_compiler
-
         jobs = json.loads(args.jobs.read_text())
-        models = {name: xllm_compiler.load(path) for name, path in jobs["artifacts"].items()}
-        if args.exit_after_load == rank:
-            sys.stdout.flush()
-            os._exit(0)
-        if args.stall_after_load == rank:
-            time.sleep(600)
-        results = {}
-        for name, model in models.items():
-            logits = model.logits(jobs["prompts"])
-            tokens = model.generate(jobs["prompts"], max_new_tokens=jobs["max_new_tokens"], ignore_eos=True)
-            results[name] = {"logits": logits.tolist(), "tokens": tokens, "graphs": model.engine.graphs.resident()}
-        group = next(iter(models.values())).engine.group if models else None
-        report = {
-            "rank": group.rank if group else rank,
-            "world_size": group.size if group else 1,
-            "seconds": round(time.monotonic() - start, 3),
-            "results": results,
-        }
+        report = run_jobs(jobs, rank, args.exit_after_load, args.stall_after_load)
     except BaseException as exc:
         error = {"type": type(exc).__name__, "message": str(exc), "seconds": round(time.monotonic() - start, 3)}
         out_file.write_text(json.dumps({"rank": rank, "error": error}))
         raise
+    report["seconds"] = round(time.monotonic() - start, 3)
     out_file.write_text(json.dumps(report))
     return 0
 
