@@ -21,7 +21,8 @@ Figures, each the median, min and max of --runs runs:
   compile_s         xllm_compiler: compile() wall time with the compile cache off (cache_dir="").
                     torch_compile: the first generate() (batch 1, 32-token prompt, 64 new tokens) in a fresh
                     process with an empty inductor cache dir. Every compile run is a fresh process.
-  prefill_512_s     a 512-token prompt producing one token (generate, max_new_tokens=1), after a warm-up.
+  prefill_512_s     a 512-token prompt producing one token (generate, max_new_tokens=1), after a warm-up;
+                    measured after the decode figures (see worker_measure for why the order matters).
   decode_bsB_tok_s  B prompts of 32 tokens: 63 * B / (time(64 new tokens) - time(1 new token)), eos ignored;
                     each run's 64-token time less the median of the runs' 1-token times.
   peak_rss_mb       in a process that loads only that system: peak RSS during a generate() of batch 8 x 64
@@ -225,9 +226,12 @@ def worker_measure(spec: dict) -> dict:
             raise RuntimeError("generating 64 tokens never took longer than generating 1")
         return [(NEW_TOKENS - 1) * batch / (full - one) for full in fulls if full > one]
 
-    attempt("prefill_512_s", prefill)
+    # Decode before prefill: transformers reuses a static cache that is large enough, so after the 512-token
+    # prompt torch_compile would decode over a 513-long cache, and dynamo, having seen two cache lengths,
+    # recompiles the next batch size with a dynamic length (3x slower at batch 8 in bfloat16).
     for batch in spec["batches"]:
         attempt(decode_metric(batch), lambda batch=batch: decode(batch))
+    attempt("prefill_512_s", prefill)
     return {"metrics": metrics, "tokens": tokens}
 
 
@@ -488,6 +492,8 @@ def main() -> None:
 
             model_dir = write_checkpoint(work / "model", "llama-100m", torch.float32)
         model_dir = model_dir.resolve()
+        if not (model_dir / "config.json").is_file():
+            parser.error(f"{model_dir} has no config.json")
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         bandwidth = read_bandwidth_gbs(repeats=3 if args.quick else 5)
         limits = {d: bandwidth * 1e9 / weight_bytes_per_step(model_dir, d) for d in dtypes}
