@@ -35,7 +35,7 @@ from xllm_compiler.artifact.graph_format import deserialize_graph, serialize_gra
 from xllm_compiler.artifact.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from xllm_compiler.buckets.policy import Bucket
 from xllm_compiler.errors import ArtifactError
-from xllm_compiler.runtime.platform.cpu import LOWERED_TARGETS
+from xllm_compiler.runtime.platform.cpu import lowered_targets
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILE_OPTIONS = dict(decode_buckets=[1, 2], prefill_buckets=[16], max_seq_len=64)
@@ -707,7 +707,7 @@ def check_generated_forward(source: str, exec_globals: dict) -> None:
     assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     # Beside allowlisted ops, generated code may call what the runtime's platform lowering put there
     # (our own xllm kernels, oneDNN's packed linear): code of this project, never of the artifact.
-    allowed = [*PYTHON_OPS.values(), *LOWERED_TARGETS]
+    allowed = [*PYTHON_OPS.values(), *lowered_targets()]
     python_ops = {name for name, value in exec_globals.items() if any(value is op for op in allowed)}
     readable = params | assigned | python_ops | FX_GLOBALS | {"getattr"}
     for node in ast.walk(fn):

@@ -1,7 +1,8 @@
 """CPU: always available. Graphs are lowered for it at load:
 
-- every ``xllm::`` op calls its torch-composite kernel directly (a plain Python call; the dispatcher
-  round trip of a Python custom op costs more than the small ops inside it);
+- every ``xllm::`` op calls its kernel directly (a plain Python call; the dispatcher round trip of
+  a Python custom op costs more than the small ops inside it): the fused C++ kernel of
+  ops/cpu_kernels.cpp where it could be built, else the torch composite;
 - every linear layer on a stored weight runs on oneDNN with the weight pre-packed once into its
   blocked layout (``mkldnn._reorder_linear_weight``), which reads weights at close to the memory
   bandwidth where ``aten.linear``'s GEMV reaches about half of it (docs/performance.md). The plain
@@ -16,6 +17,7 @@ import torch
 from torch import fx
 
 from xllm_compiler.ops import KERNELS
+from xllm_compiler.ops.native import native_cpu_kernels
 from xllm_compiler.runtime.platform.base import Platform
 
 aten = torch.ops.aten
@@ -33,8 +35,17 @@ def packed_linear_out(
     return out.copy_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
 
 
-#: What lowered graphs may call besides allowlisted ops: our own kernels and oneDNN's packed linear.
-LOWERED_TARGETS = frozenset([*KERNELS.values(), torch.ops.mkldnn._linear_pointwise.default, packed_linear_out])
+def lowered_targets() -> frozenset:
+    """What lowered graphs may call besides allowlisted ops: our kernels (native where built, else
+    composites) and oneDNN's packed linear."""
+    return frozenset(
+        [
+            *KERNELS.values(),
+            *native_cpu_kernels().values(),
+            torch.ops.mkldnn._linear_pointwise.default,
+            packed_linear_out,
+        ]
+    )
 
 
 def packable_dtypes() -> set[torch.dtype]:
@@ -63,12 +74,13 @@ class CpuPlatform(Platform):
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         dtypes = packable_dtypes()
+        kernels = {**KERNELS, **native_cpu_kernels()}
         for graph in graphs.values():
             for node in list(graph.nodes):
                 if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
                     continue
-                if node.target.namespace == "xllm" and node.target.name() in KERNELS:
-                    node.target = KERNELS[node.target.name()]
+                if node.target.namespace == "xllm" and node.target.name() in kernels:
+                    node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1], weights, dtypes):
                     _use_packed_linear(graph, node, weights)
         used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xllm_compiler.ops.native import native_kernels
+
 __all__ = [
     "paged_attention",
     "paged_attention_kernel",
@@ -153,12 +155,19 @@ def paged_attention_out_kernel(
             pieces.append((s, first - low, last - low, contexts[s] - n + (last - start)))
         start += n
     out[max(min(start, high) - low, 0) :].zero_()  # padding tokens
-    if len(pieces) > 1 and all(row1 - row0 == 1 and row0 == i for i, (_, row0, row1, _) in enumerate(pieces)):
+    if pieces and all(row1 - row0 == 1 and row0 == i for i, (_, row0, row1, _) in enumerate(pieces)):
         # Decode: rows 0..n-1 are one token each of n sequences.
         rows = len(pieces)
         tables = block_tables[[s for s, *_ in pieces]]
         lengths = [length for *_, length in pieces]
-        out[:rows] = _attend_decode_batch(query[:rows], kv_cache, tables, lengths, scale, sliding_window)
+        native = native_kernels() if kv_cache.device.type == "cpu" else None
+        if native is not None:  # reads the cache in place, no gathered copy
+            lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
+            native.decode_attention(query[:rows], kv_cache, tables, lengths_tensor, scale, sliding_window, out[:rows])
+        elif rows > 1:
+            out[:rows] = _attend_decode_batch(query[:rows], kv_cache, tables, lengths, scale, sliding_window)
+        else:
+            out[:1] = _attend_one_sequence(query[:1], kv_cache, tables[0], lengths[0], scale, sliding_window)
         return
     for s, row0, row1, length in pieces:
         out[row0:row1] = _attend_one_sequence(

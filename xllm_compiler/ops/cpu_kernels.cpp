@@ -1,0 +1,208 @@
+// Fused CPU kernels for the xllm:: ops: one pass over memory each, no temporaries, written into
+// caller-provided outputs (the planned arena). Rounding follows the reference forms step by step
+// (ops/reference.py): in 16-bit dtypes every intermediate the reference materialises is rounded to
+// that dtype here too, so the kernels agree with transformers as closely as the composites do.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline T round_to(float value) { return static_cast<T>(value); }
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * hidden;
+      float sum = 0.f;
+      for (int64_t i = 0; i < hidden; ++i) {
+        float h = static_cast<float>(row[i]);
+        sum += h * h;
+      }
+      float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+      T* dst = out + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) {
+        T normed = round_to<T>(static_cast<float>(row[i]) * inv);
+        dst[i] = round_to<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void rms_norm_out(torch::Tensor x, torch::Tensor weight, double eps, torch::Tensor out) {
+  x = x.contiguous();
+  check_rows(out, "out");
+  int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_out", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.contiguous().data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), rows, hidden, static_cast<float>(eps));
+  });
+}
+
+void fused_add_rms_norm_out(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps,
+                            torch::Tensor out, torch::Tensor summed) {
+  x = x.contiguous();
+  residual = residual.contiguous();
+  check_rows(out, "out");
+  check_rows(summed, "summed");
+  int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm_out", [&] {
+    const scalar_t* a = x.data_ptr<scalar_t>();
+    const scalar_t* b = residual.data_ptr<scalar_t>();
+    scalar_t* s = summed.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) s[i] = round_to<scalar_t>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+    int64_t hidden = x.size(-1);
+    rms_norm_rows<scalar_t>(s, weight.contiguous().data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n / hidden, hidden,
+                            static_cast<float>(eps));
+  });
+}
+
+void silu_and_mul_out(torch::Tensor gate_up, torch::Tensor out) {
+  gate_up = gate_up.contiguous();
+  check_rows(out, "out");
+  int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * width);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul_out", [&] {
+    const scalar_t* src = gate_up.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = src + r * 2 * width;
+        const scalar_t* up = gate + width;
+        for (int64_t i = 0; i < width; ++i) {
+          float g = static_cast<float>(gate[i]);
+          scalar_t activated = round_to<scalar_t>(g / (1.f + std::exp(-g)));
+          dst[r * width + i] = round_to<scalar_t>(static_cast<float>(activated) * static_cast<float>(up[i]));
+        }
+      }
+    });
+  });
+}
+
+template <typename T>
+void rotate_rows(const T* x, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads, int64_t dim,
+                 int64_t token_stride) {
+  int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cos + t * dim;
+      const T* s = sin + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* src = x + t * token_stride + h * dim;
+        T* dst = out + (t * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          float rotated = d < half ? -static_cast<float>(src[d + half]) : static_cast<float>(src[d - half]);
+          T first = round_to<T>(static_cast<float>(src[d]) * static_cast<float>(c[d]));
+          T second = round_to<T>(round_to<T>(rotated) * static_cast<float>(s[d]));
+          dst[d] = round_to<T>(static_cast<float>(first) + static_cast<float>(second));
+        }
+      }
+    }
+  });
+}
+
+void rotary_embedding_out(torch::Tensor query, torch::Tensor key, torch::Tensor cos, torch::Tensor sin,
+                          torch::Tensor query_out, torch::Tensor key_out) {
+  // query [T, H, D] and key [T, Hkv, D] may be views into the merged QKV output: rows are strided,
+  // heads and dims dense.
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query heads must be dense");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2), "key heads must be dense");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  TORCH_CHECK(cos.numel() == query.size(0) * query.size(2) && sin.numel() == cos.numel(), "cos/sin must be [T, 1, D]");
+  check_rows(query_out, "query_out");
+  check_rows(key_out, "key_out");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding_out", [&] {
+    rotate_rows<scalar_t>(query.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                          query_out.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0));
+    rotate_rows<scalar_t>(key.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                          key_out.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0));
+  });
+}
+
+// Decode attention over the paged cache, reading K/V in place (no gather): one query token per
+// row; rows x heads run in parallel. Scores and the softmax are float; the output is rounded once.
+template <typename T>
+void decode_rows(const T* query, const T* keys, const T* values, const int32_t* tables, const int64_t* lengths,
+                 T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                 int64_t table_width, int64_t query_row_stride, float scale, int64_t window) {
+  int64_t group = heads / kv_heads;
+  int64_t slot_stride = kv_heads * dim;
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(dim);
+    for (int64_t index = begin; index < end; ++index) {
+      int64_t r = index / heads, h = index % heads, kvh = h / group;
+      int64_t length = lengths[r];
+      int64_t first = window > 0 && length > window ? length - window : 0;
+      const T* q = query + r * query_row_stride + h * dim;
+      const int32_t* table = tables + r * table_width;
+      scores.resize(length - first);
+      float best = -INFINITY;
+      for (int64_t j = first; j < length; ++j) {
+        const T* k = keys + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * slot_stride + kvh * dim;
+        float dot = 0.f;
+        for (int64_t d = 0; d < dim; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+        dot *= scale;
+        scores[j - first] = dot;
+        best = std::max(best, dot);
+      }
+      float total = 0.f;
+      for (auto& s : scores) {
+        s = std::exp(s - best);
+        total += s;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = first; j < length; ++j) {
+        const T* v = values + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * slot_stride + kvh * dim;
+        float p = scores[j - first] / total;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(v[d]);
+      }
+      T* dst = out + (r * heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = round_to<T>(acc[d]);
+    }
+  });
+}
+
+void decode_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor lengths,
+                      double scale, int64_t window, torch::Tensor out) {
+  // query [n, H, D] (rows may be strided), kv_cache [2, blocks, block_size, Hkv, D], block_tables [n, M] int32,
+  // lengths [n] int64, out [n, H, D] contiguous.
+  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query heads must be dense");
+  block_tables = block_tables.contiguous();
+  lengths = lengths.contiguous();
+  TORCH_CHECK(lengths.numel() == query.size(0) && block_tables.size(0) >= query.size(0), "one length and table per row");
+  TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= block_tables.size(1) * kv_cache.size(2),
+              "a length runs past its block table");
+  check_rows(out, "out");
+  int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3), dim = kv_cache.size(4);
+  int64_t plane = kv_cache.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
+    const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+    decode_rows<scalar_t>(query.data_ptr<scalar_t>(), cache, cache + plane, block_tables.data_ptr<int32_t>(),
+                          lengths.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), query.size(0), query.size(1), kv_heads,
+                          dim, block_size, block_tables.size(1), query.stride(0), static_cast<float>(scale), window);
+  });
+}
+
+}  // namespace
+
+// Argument names are the xllm:: op schemas' (graphs may pass any argument by keyword).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.def("rms_norm_out", &rms_norm_out, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
+  m.def("fused_add_rms_norm_out", &fused_add_rms_norm_out, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("eps"), py::arg("out"), py::arg("summed"));
+  m.def("silu_and_mul_out", &silu_and_mul_out, py::arg("gate_up"), py::arg("out"));
+  m.def("rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
+        py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
+  m.def("decode_attention", &decode_attention, py::arg("query"), py::arg("kv_cache"), py::arg("block_tables"),
+        py::arg("lengths"), py::arg("scale"), py::arg("window"), py::arg("out"));
+}
