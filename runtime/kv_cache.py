@@ -7,6 +7,7 @@ padding tokens and never handed out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +26,20 @@ class BlockPoolStats:
 
 
 class BlockPool:
-    """Free-list allocator of KV blocks; all-or-nothing allocation, so a request never half-fits."""
+    """Free-list allocator of KV blocks; all-or-nothing allocation, so a request never half-fits.
 
-    def __init__(self, num_blocks: int):
+    Blocks never handed out before leave the free list in ascending order (released blocks are reused
+    first), so the blocks a workload has touched are always the range below a high-water mark:
+    ``on_first_use(start, stop)`` is told whenever that range grows.
+    """
+
+    def __init__(self, num_blocks: int, on_first_use: Callable[[int, int], None] | None = None):
         if num_blocks <= RESERVED_BLOCKS:
             raise ValueError(f"a KV pool needs more than {RESERVED_BLOCKS} blocks, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, RESERVED_BLOCKS - 1, -1))
+        self._on_first_use = on_first_use
+        self._first_unused = RESERVED_BLOCKS
         self._peak = 0
         self._fragmentation = 0.0
         self._peak_fragmentation = 0.0
@@ -49,6 +57,11 @@ class BlockPool:
             return None
         blocks = [self._free.pop() for _ in range(count)]
         self._peak = max(self._peak, self.capacity - len(self._free))
+        top = max(blocks, default=-1)
+        if top >= self._first_unused:
+            if self._on_first_use is not None:
+                self._on_first_use(self._first_unused, top + 1)
+            self._first_unused = top + 1
         return blocks
 
     def release(self, blocks: list[int]) -> None:
@@ -77,7 +90,14 @@ class BlockPool:
 
 
 class KVCache:
-    """The cache tensor and its per-layer views."""
+    """The cache tensor and its per-layer views.
+
+    The tensor is allocated uninitialised and a block is zeroed when the pool first hands it out
+    (``zero_blocks``): on CPU the pages of a block no request reached are never touched, so the pool
+    costs resident memory only for what a workload uses, not for its full capacity. Zeroing still
+    matters: a batched decode attention reads (masked-out) slots past a sequence's length, and
+    uninitialised bits there could be NaN, which a zero probability does not cancel.
+    """
 
     def __init__(
         self,
@@ -90,10 +110,14 @@ class KVCache:
         device: torch.device,
     ):
         self.block_size = block_size
-        self.tensor = torch.zeros(
+        self.tensor = torch.empty(
             num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self.layers = list(self.tensor.unbind(0))
+        self.zero_blocks(0, RESERVED_BLOCKS)
+
+    def zero_blocks(self, start: int, stop: int) -> None:
+        self.tensor[:, :, start:stop].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -167,7 +167,8 @@ def load(
         dtype=DTYPES[dtype_name],
         device=torch_device,
     )
-    engine = Engine(cache, kv_cache, BlockPool(num_blocks), model["max_seq_len"], torch_device, group)
+    pool = BlockPool(num_blocks, on_first_use=kv_cache.zero_blocks)
+    engine = Engine(cache, kv_cache, pool, model["max_seq_len"], torch_device, group)
     prefill = [b for b in buckets if b.phase == PREFILL]
     scheduler = Scheduler(
         engine,

@@ -83,9 +83,16 @@ class CpuPlatform(Platform):
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1], weights, dtypes):
                     _use_packed_linear(graph, node, weights)
+            for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+                graph.erase_node(node)  # the plain weight of a now-packed linear
         used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
         for name in [name for name in weights if name not in used]:
             del weights[name]
+        # The loaded weights are views of the file's memory map, whose touched pages count as resident
+        # for as long as any view lives: own the few left unpacked (embedding, norms) so it closes.
+        for name in weights:
+            if not name.endswith(PACKED_SUFFIX):
+                weights[name] = weights[name].clone()
 
 
 def _is_stored(weight: object, weights: dict[str, torch.Tensor], dtypes: set[torch.dtype]) -> bool:

@@ -169,3 +169,32 @@ def test_kv_cache_layer_views_share_one_tensor():
     cache.layers[1][0, 2, 3] = 7.0
     assert cache.tensor[1, 0, 2, 3].eq(7.0).all()
     assert cache.nbytes() == 5 * KVCache.bytes_per_block(3, 4, 2, 8, torch.float32)
+
+
+def test_blocks_are_zeroed_when_first_handed_out_not_before():
+    cache = KVCache(2, 8, 4, 1, 2, torch.float32, torch.device("cpu"))
+    assert cache.tensor[:, :, :RESERVED_BLOCKS].eq(0).all()
+    cache.tensor[:, :, RESERVED_BLOCKS:] = float("nan")  # what uninitialised memory may hold
+    first_uses = []
+
+    def zero(start: int, stop: int) -> None:
+        first_uses.append((start, stop))
+        cache.zero_blocks(start, stop)
+
+    pool = BlockPool(8, on_first_use=zero)
+    a = pool.allocate(2)
+    assert first_uses == [(1, 3)] and cache.tensor[:, :, 1:3].eq(0).all()
+    cache.tensor[:, :, a] = 5.0
+    pool.release(a)
+    b = pool.allocate(3)  # the two released blocks come back first, already written: not zeroed again
+    assert sorted(b) == [1, 2, 3] and first_uses == [(1, 3), (3, 4)]
+    assert cache.tensor[:, :, 1:3].eq(5.0).all() and cache.tensor[:, :, 3].eq(0).all()
+    assert cache.tensor[:, :, 4:].isnan().all()
+
+
+def test_loaded_model_keeps_only_the_packed_copy_of_a_linear_weight(small_artifact):
+    model = xllm_compiler.load(small_artifact)
+    weights = model.engine.graphs._weights
+    packed = {name.removesuffix("_onednn") for name in weights if name.endswith("_onednn")}
+    assert packed, "no linear weight was packed"
+    assert not packed & set(weights), "a plain weight stayed beside its packed copy"
