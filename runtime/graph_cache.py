@@ -85,6 +85,7 @@ class GraphCache:
             self._resident.move_to_end(name)
             return self._resident[name]
         module = fx.GraphModule({**self._weights, **self._views.get(name, {})}, self._graphs[name])
+        _bind_as_instance_attributes(module)
         self._resident[name] = module
         if self.max_resident is not None:
             while len(self._resident) > self.max_resident:
@@ -93,3 +94,18 @@ class GraphCache:
 
     def resident(self) -> list[str]:
         return list(self._resident)
+
+
+def _bind_as_instance_attributes(module: torch.nn.Module) -> None:
+    """Give every submodule, parameter and buffer of ``module`` an instance attribute in its owner too.
+
+    The generated forward reads each weight through a chain such as ``self.model.layers`` ... ``.weight``,
+    and every hop of it is an ``nn.Module.__getattr__`` call: about 700 per decode step of a 12-layer model,
+    half a millisecond at batch 1. Instance attributes resolve before ``__getattr__`` is consulted. The
+    registrations stay (``get_buffer`` and ``named_buffers`` still work); a built graph module is never
+    re-bound, so the two cannot drift apart.
+    """
+    for owner in module.modules():
+        owner.__dict__.update(owner.named_children())
+        owner.__dict__.update(owner.named_parameters(recurse=False))
+        owner.__dict__.update(owner.named_buffers(recurse=False))

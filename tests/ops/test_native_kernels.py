@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from xllm_compiler.ops import KERNELS, native
-from xllm_compiler.ops.attention import _attend_decode_batch
+from xllm_compiler.ops.attention import _attend_decode_batch, write_kv_cache_kernel
 
 pytestmark = pytest.mark.skipif(native.native_kernels() is None, reason="no C++ toolchain: composites only")
 
@@ -79,23 +79,69 @@ def test_rotary_on_strided_views_of_merged_qkv(dtype):
         close(got, want)
 
 
+def decode_step(dtype, heads=6, kv_heads=2, dim=8, block_size=4):
+    """A decode step of three sequences (contexts 1, 9, 16 after this token) plus one padding token, over
+    shuffled, non-consecutive blocks; query/key/value are strided views of one merged QKV output."""
+    lengths = [1, 9, 16]
+    tables = torch.tensor([[7, 0, 0, 0], [3, 11, 1, 0], [2, 9, 5, 10], [0, 0, 0, 0]], dtype=torch.int32)
+    kv_cache = torch.randn(2, 12, block_size, kv_heads, dim, dtype=dtype)
+    merged = torch.randn(len(lengths) + 1, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    query = merged[:, : heads * dim].view(-1, heads, dim)
+    key = merged[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+    value = merged[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+    positions = [n - 1 for n in lengths]
+    slots = [int(tables[s, p // block_size]) * block_size + p % block_size for s, p in enumerate(positions)]
+    metadata = dict(
+        slot_mapping=torch.tensor([*slots, 0]),  # the padding token writes the reserved slot 0
+        query_lens=torch.tensor([1, 1, 1, 0], dtype=torch.int32),
+        seq_lens=torch.tensor([*lengths, 0], dtype=torch.int32),
+        block_tables=tables,
+    )
+    return (query, key, value, kv_cache), metadata, lengths
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_reads_the_paged_cache_in_place(dtype, window):
-    blocks, block_size, heads, kv_heads, dim = 12, 4, 6, 2, 8
-    kv_cache = torch.randn(2, blocks, block_size, kv_heads, dim, dtype=dtype)
-    lengths = [1, 9, 16]
-    # Non-consecutive, shuffled blocks per sequence, as the pool hands them out.
-    tables = torch.tensor([[7, 0, 0, 0], [3, 11, 1, 0], [2, 9, 5, 10]], dtype=torch.int32)
-    merged = torch.randn(len(lengths), (heads + 2) * dim, dtype=dtype)
-    query = merged[:, : heads * dim].view(len(lengths), heads, dim)  # strided rows
-    scale = dim**-0.5
-    expected = _attend_decode_batch(query, kv_cache, tables, lengths, scale, window)
-    out = torch.full((len(lengths), heads, dim), float("nan"), dtype=dtype)
-    native.native_kernels().decode_attention(
-        query, kv_cache, tables, torch.tensor(lengths, dtype=torch.int64), scale, window, out
+def test_paged_decode_stores_then_attends_in_place(dtype, window):
+    (query, key, value, kv_cache), metadata, lengths = decode_step(dtype)
+    scale = query.shape[-1] ** -0.5
+    expected_cache = kv_cache.clone()
+    write_kv_cache_kernel(key, value, expected_cache, metadata["slot_mapping"])
+    expected = _attend_decode_batch(query[:3], expected_cache, metadata["block_tables"][:3], lengths, scale, window)
+
+    out = torch.full(query.shape, float("nan"), dtype=dtype)
+    handled = native.native_kernels().paged_decode_out(
+        query, key, value, kv_cache, *metadata.values(), scale, window, out, 0
     )
-    close(out, expected)
+    assert handled
+    assert torch.equal(kv_cache, expected_cache)
+    close(out[:3], expected)
+    assert out[3].eq(0).all()  # the padding token's row
+
+
+def test_paged_decode_declines_a_prefill_and_touches_nothing():
+    (query, key, value, kv_cache), metadata, _ = decode_step(torch.float32)
+    metadata["query_lens"] = torch.tensor([2, 1, 1, 0], dtype=torch.int32)  # sequence 0 has two new tokens
+    before = kv_cache.clone()
+    out = torch.full(query.shape, float("nan"))
+    assert not native.native_kernels().paged_decode_out(query, key, value, kv_cache, *metadata.values(), 1.0, 0, out, 0)
+    assert torch.equal(kv_cache, before) and out.isnan().all()
+
+
+def test_paged_decode_takes_the_second_half_of_a_split_step():
+    """A micro-batch of rows [2, 4) of the step: sequence 2's token and the padding token."""
+    (query, key, value, kv_cache), metadata, lengths = decode_step(torch.float32)
+    expected_cache = kv_cache.clone()
+    write_kv_cache_kernel(key[2:], value[2:], expected_cache, metadata["slot_mapping"][2:])
+    expected = _attend_decode_batch(query[2:3], expected_cache, metadata["block_tables"][2:3], lengths[2:], 0.5, 0)
+    out = torch.full((2, *query.shape[1:]), float("nan"))
+    metadata["slot_mapping"] = metadata["slot_mapping"][2:]
+    assert native.native_kernels().paged_decode_out(
+        query[2:], key[2:], value[2:], kv_cache, *metadata.values(), 0.5, 0, out, 2
+    )
+    assert torch.equal(kv_cache, expected_cache)
+    close(out[:1], expected)
+    assert out[1].eq(0).all()
 
 
 def test_disabled_by_environment(monkeypatch):

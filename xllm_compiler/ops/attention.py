@@ -143,6 +143,12 @@ def paged_attention_out_kernel(
     while the metadata describes the whole step, so a micro-batch can attend on its own; a sequence
     cut in two sees, in its second half, the keys its first half wrote.
     """
+    native = native_kernels() if kv_cache.device.type == "cpu" else None
+    metadata = (slot_mapping, query_lens, seq_lens, block_tables)
+    if native is not None and native.paged_decode_out(
+        query, key, value, kv_cache, *metadata, scale, sliding_window, out, token_offset
+    ):
+        return  # a decode step, whole in one native call: the cache read in place, no gathered copy
     _store(key, value, kv_cache, slot_mapping)
     lens = query_lens.tolist()
     contexts = seq_lens.tolist()
@@ -160,11 +166,7 @@ def paged_attention_out_kernel(
         rows = len(pieces)
         tables = block_tables[[s for s, *_ in pieces]]
         lengths = [length for *_, length in pieces]
-        native = native_kernels() if kv_cache.device.type == "cpu" else None
-        if native is not None:  # reads the cache in place, no gathered copy
-            lengths_tensor = torch.tensor(lengths, dtype=torch.int64)
-            native.decode_attention(query[:rows], kv_cache, tables, lengths_tensor, scale, sliding_window, out[:rows])
-        elif rows > 1:
+        if rows > 1:
             out[:rows] = _attend_decode_batch(query[:rows], kv_cache, tables, lengths, scale, sliding_window)
         else:
             out[:1] = _attend_one_sequence(query[:1], kv_cache, tables[0], lengths[0], scale, sliding_window)

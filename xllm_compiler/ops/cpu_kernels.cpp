@@ -4,6 +4,7 @@
 // that dtype here too, so the kernels agree with transformers as closely as the composites do.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -127,11 +128,12 @@ void rotary_embedding_out(torch::Tensor query, torch::Tensor key, torch::Tensor 
 }
 
 // Decode attention over the paged cache, reading K/V in place (no gather): one query token per
-// row; rows x heads run in parallel. Scores and the softmax are float; the output is rounded once.
+// row, row r belonging to sequence seq_of_row[r]; rows x heads run in parallel. Scores and the
+// softmax are float; the output is rounded once.
 template <typename T>
-void decode_rows(const T* query, const T* keys, const T* values, const int32_t* tables, const int64_t* lengths,
-                 T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                 int64_t table_width, int64_t query_row_stride, float scale, int64_t window) {
+void decode_rows(const T* query, const T* keys, const T* values, const int32_t* tables, const int64_t* seq_of_row,
+                 const int64_t* lengths, T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,
+                 int64_t block_size, int64_t table_width, int64_t query_row_stride, float scale, int64_t window) {
   int64_t group = heads / kv_heads;
   int64_t slot_stride = kv_heads * dim;
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
@@ -142,7 +144,7 @@ void decode_rows(const T* query, const T* keys, const T* values, const int32_t* 
       int64_t length = lengths[r];
       int64_t first = window > 0 && length > window ? length - window : 0;
       const T* q = query + r * query_row_stride + h * dim;
-      const int32_t* table = tables + r * table_width;
+      const int32_t* table = tables + seq_of_row[r] * table_width;
       scores.resize(length - first);
       float best = -INFINITY;
       for (int64_t j = first; j < length; ++j) {
@@ -170,26 +172,66 @@ void decode_rows(const T* query, const T* keys, const T* values, const int32_t* 
   });
 }
 
-void decode_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor lengths,
-                      double scale, int64_t window, torch::Tensor out) {
-  // query [n, H, D] (rows may be strided), kv_cache [2, blocks, block_size, Hkv, D], block_tables [n, M] int32,
-  // lengths [n] int64, out [n, H, D] contiguous.
+void check_dense_heads(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2), name, " must be [rows, heads, dim] with dense heads");
+}
+
+// The decode case of xllm::paged_attention_out, whole: the step's tokens [offset, offset + n) hold one
+// token each of consecutive sequences from row 0 (the metadata describes the whole step, as in the
+// Python kernel). Stores the n keys/values at their slots, attends, zeroes the padding rows, returns
+// true. Any other shape of step returns false having touched nothing: the caller takes the general path.
+// One call per layer instead of a dozen small tensor ops, which at batch 1 cost more than the attention.
+bool paged_decode_out(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor kv_cache,
+                      torch::Tensor slot_mapping, torch::Tensor query_lens, torch::Tensor seq_lens,
+                      torch::Tensor block_tables, double scale, int64_t window, torch::Tensor out, int64_t token_offset) {
+  TORCH_CHECK(query_lens.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  block_tables.scalar_type() == at::kInt && slot_mapping.scalar_type() == at::kLong,
+              "query_lens, seq_lens and block_tables must be int32, slot_mapping int64");
+  query_lens = query_lens.contiguous();
+  seq_lens = seq_lens.contiguous();
+  const int32_t* lens = query_lens.data_ptr<int32_t>();
+  const int32_t* contexts = seq_lens.data_ptr<int32_t>();
+  const int64_t tokens = query.size(0), low = token_offset, high = token_offset + tokens;
+  std::vector<int64_t> seq_of_row, lengths;
+  int64_t start = 0;
+  for (int64_t s = 0; s < query_lens.numel(); ++s) {
+    int64_t n = lens[s], first = std::max(start, low), last = std::min(start + n, high);
+    if (first < last) {
+      if (last - first != 1 || first - low != static_cast<int64_t>(seq_of_row.size())) return false;
+      seq_of_row.push_back(s);
+      lengths.push_back(contexts[s] - n + (last - start));
+    }
+    start += n;
+  }
+  if (seq_of_row.empty()) return false;
+
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query heads must be dense");
-  block_tables = block_tables.contiguous();
-  lengths = lengths.contiguous();
-  TORCH_CHECK(lengths.numel() == query.size(0) && block_tables.size(0) >= query.size(0), "one length and table per row");
-  TORCH_CHECK(lengths.numel() == 0 || lengths.max().item<int64_t>() <= block_tables.size(1) * kv_cache.size(2),
-              "a length runs past its block table");
+  check_dense_heads(query, "query");
+  check_dense_heads(key, "key");
+  check_dense_heads(value, "value");
   check_rows(out, "out");
-  int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3), dim = kv_cache.size(4);
-  int64_t plane = kv_cache.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
-    const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+  block_tables = block_tables.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3), dim = kv_cache.size(4);
+  const int64_t slots = kv_cache.size(1) * block_size, width = block_tables.size(1);
+  for (int64_t length : lengths) TORCH_CHECK(length <= width * block_size, "a length runs past its block table");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot_mapping out of range");
+  const int64_t rows = static_cast<int64_t>(seq_of_row.size()), slot_stride = kv_heads * dim, plane = kv_cache.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_out", [&] {
+    scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::copy_n(key.data_ptr<scalar_t>() + t * key.stride(0), slot_stride, cache + slot[t] * slot_stride);
+      std::copy_n(value.data_ptr<scalar_t>() + t * value.stride(0), slot_stride, cache + plane + slot[t] * slot_stride);
+    }
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    std::fill(dst + std::max(std::min(start, high) - low, int64_t{0}) * query.size(1) * dim, dst + out.numel(),
+              round_to<scalar_t>(0.f));
     decode_rows<scalar_t>(query.data_ptr<scalar_t>(), cache, cache + plane, block_tables.data_ptr<int32_t>(),
-                          lengths.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), query.size(0), query.size(1), kv_heads,
-                          dim, block_size, block_tables.size(1), query.stride(0), static_cast<float>(scale), window);
+                          seq_of_row.data(), lengths.data(), dst, rows, query.size(1), kv_heads, dim, block_size,
+                          width, query.stride(0), static_cast<float>(scale), window);
   });
+  return true;
 }
 
 }  // namespace
@@ -203,6 +245,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_out", &silu_and_mul_out, py::arg("gate_up"), py::arg("out"));
   m.def("rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
         py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
-  m.def("decode_attention", &decode_attention, py::arg("query"), py::arg("kv_cache"), py::arg("block_tables"),
-        py::arg("lengths"), py::arg("scale"), py::arg("window"), py::arg("out"));
+  m.def("paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
+        py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
+        py::arg("token_offset"));
 }
