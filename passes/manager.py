@@ -21,7 +21,7 @@ from xllm_compiler.passes.cleanup.fold_constants import fold_constants
 from xllm_compiler.passes.cleanup.remove_noop_ops import remove_noop_ops
 from xllm_compiler.passes.comm.fuse_all_reduce_add_rms_norm import fuse_all_reduce_add_rms_norm
 from xllm_compiler.passes.comm.reorder_collectives import reorder_collectives
-from xllm_compiler.passes.comm.split_micro_batches import split_micro_batches
+from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions, SplitMicroBatches, split_micro_batches
 from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
 from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
 from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedding
@@ -55,13 +55,13 @@ def default_pipeline() -> list[GraphPass]:
     ]
 
 
-def bucket_pipeline() -> list[GraphPass]:
+def bucket_pipeline(micro_batches: MicroBatchOptions | None = None) -> list[GraphPass]:
     """Passes run on each bucket's specialised graph, where every size is known."""
     return [
         # Tensor-parallel graphs: two interleaved micro-batches, so one half's all-reduce is in flight
         # while the other half computes; collectives issued early and awaited late; what stays exposed
         # fused with the residual add and norm after it.
-        split_micro_batches,
+        split_micro_batches if micro_batches is None else SplitMicroBatches(micro_batches),
         reorder_collectives,
         fuse_all_reduce_add_rms_norm,
         # Place every intermediate in one arena, and make ops write there.

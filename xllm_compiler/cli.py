@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xllm_compiler.console import EXIT_OK, OneLineParser, RichStageListener, guarded
-from xllm_compiler.options import DEVICE_CHOICES, DTYPE_CHOICES
+from xllm_compiler.options import DEFAULT_MICRO_BATCH_MIN_TOKENS, DEVICE_CHOICES, DTYPE_CHOICES
 
 
 def build_parser() -> OneLineParser:
@@ -26,6 +26,13 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--max-seq-len", type=int, metavar="N", help="longest prompt + generation")
     parser.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV-cache block")
     parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree (run with torchrun)")
+    parser.add_argument(
+        "--micro-batch-min-tokens",
+        type=int,
+        default=DEFAULT_MICRO_BATCH_MIN_TOKENS,
+        metavar="N",
+        help="--tp: steps of at least N tokens run as two overlapped micro-batches (default %(default)s)",
+    )
     parser.add_argument("--passes", metavar="P,P,...|none", help="run only these passes (pipeline order)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
     parser.add_argument("--verify", action="store_true", help="check every pass's numerics on sample inputs")
@@ -90,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seq_len=args.max_seq_len,
             block_size=args.block_size,
             tp=args.tp,
+            micro_batch_min_tokens=args.micro_batch_min_tokens,
             passes=args.passes,
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,

@@ -45,6 +45,7 @@ from xllm_compiler.options import (
 )
 from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, select_passes
 from xllm_compiler.passes.comm.collectives import comm_report
+from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
@@ -176,7 +177,8 @@ def compile_model(
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
     passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
-    bucket_passes = select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline())
+    micro_batches = MicroBatchOptions(min_tokens=options.micro_batch_min_tokens)
+    bucket_passes = select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline(micro_batches))
     cache = resolve_cache(options)
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
@@ -344,6 +346,7 @@ def _manifest(plan: CompilePlan, options: CompileOptions, graph_files: dict[str,
             "max_seq_len": plan.max_seq_len,
             "block_size": options.block_size,
             "tp": options.tp,
+            "micro_batch_min_tokens": options.micro_batch_min_tokens,
             "passes": list(options.passes) if options.passes is not None else None,
             "disable_passes": list(options.disable_passes),
             "buckets_from": options.buckets_from,

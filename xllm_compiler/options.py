@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xllm_compiler.errors import OptionsError
+from xllm_compiler.passes.comm.split_micro_batches import DEFAULT_MIN_TOKENS as DEFAULT_MICRO_BATCH_MIN_TOKENS
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
@@ -51,6 +52,8 @@ class CompileOptions:
     """Compile cache folder; None means the default (see xllm_compiler.cache), '' disables it."""
     tp: int = 1
     """Tensor-parallel degree: one weights file per rank; run with torchrun --nproc-per-node tp."""
+    micro_batch_min_tokens: int = DEFAULT_MICRO_BATCH_MIN_TOKENS
+    """Tensor-parallel bucket graphs of at least this many tokens run as two overlapped micro-batches."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -116,6 +119,9 @@ def make_options(**kwargs) -> CompileOptions:
         num_buckets=_positive_or_none(kwargs.get("num_buckets"), "num_buckets"),
         cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
         tp=_positive_or_none(kwargs.get("tp", 1), "tp"),
+        micro_batch_min_tokens=_positive_or_none(
+            kwargs.get("micro_batch_min_tokens", DEFAULT_MICRO_BATCH_MIN_TOKENS), "micro_batch_min_tokens"
+        ),
     )
 
 

@@ -41,10 +41,16 @@ ATTENTION = xllm.paged_attention.default
 TOKEN_INPUTS = ("input_ids", "positions", "slot_mapping")
 
 
+#: Measured with tools/tp_overlap.py (TP=2, gloo, 2 CPU cores): a split step was slower than a whole one at
+#: 32 and 128 tokens, decode or prefill (twice the collectives, each with its fixed cost, and half-size
+#: GEMMs), and faster at 512, where it hid 73% of the time blocked in all-reduce waits.
+DEFAULT_MIN_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class MicroBatchOptions:
-    min_tokens: int = 8
-    """Steps of fewer tokens run whole: halves that small have nothing to overlap."""
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    """Steps of fewer tokens run whole: the split costs more than it hides on steps that small."""
 
 
 def _shape(value: object, subs: dict) -> list[int] | None:

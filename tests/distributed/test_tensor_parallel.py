@@ -27,13 +27,17 @@ import xllm_compiler
 from tests.hf_oracle import ARCHITECTURE_CONFIGS, TINY, hf_greedy, hf_last_logits, mixed_prompts
 from xllm_compiler import cli, run
 from xllm_compiler.errors import ConfigError, InputError
+from xllm_compiler.options import DEFAULT_MICRO_BATCH_MIN_TOKENS
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS)
-OPTIONS = dict(decode_buckets=[1, 2, 4, 8], prefill_buckets=[16, 32], max_seq_len=64, cache_dir="")
+#: micro_batch_min_tokens=8 (the default is 256) so that the tiny buckets below are split too.
+OPTIONS = dict(
+    decode_buckets=[1, 2, 4, 8], prefill_buckets=[16, 32], max_seq_len=64, cache_dir="", micro_batch_min_tokens=8
+)
 NEW_TOKENS = 12
 SAMPLE_SEED = 3
 #: Prefill steps of 29 (prefill_32), 40 (past the largest bucket: the dynamic graph), 12 (prefill_16)
@@ -273,6 +277,20 @@ def test_comm_report_shows_what_each_pass_changed(tp_run):
         assert report["all-passes"][bucket] == report["no-split"][bucket]
         assert report["no-fusion"][bucket]["collectives"] == raw, bucket
         assert report["no-reorder"][bucket]["overlapped"] == 0, bucket
+
+
+def test_default_threshold_splits_only_long_steps(checkpoints, tmp_path):
+    """By default only steps of DEFAULT_MICRO_BATCH_MIN_TOKENS tokens or more are split (smaller ones lose
+    more to the extra collectives than the overlap hides); the option moves the line."""
+    llama_dir, hf_model = checkpoints.checkpoint("LlamaForCausalLM")
+    raw = 2 * hf_model.config.num_hidden_layers
+    long_step = DEFAULT_MICRO_BATCH_MIN_TOKENS
+    options = dict(decode_buckets=[8], prefill_buckets=[16, long_step], max_seq_len=2 * long_step, cache_dir="")
+    xllm_compiler.compile(llama_dir, tmp_path / "default", tp=2, **options)
+    report = json.loads((tmp_path / "default" / "report.json").read_text())["comm"]
+    assert [report[b]["collectives"] for b in ("decode_8", "prefill_16", f"prefill_{long_step}")] == [raw, raw, 2 * raw]
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["options"]["micro_batch_min_tokens"] == long_step
 
 
 def test_tp1_report_has_no_comm(tp_run):
