@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e .
 xllm-compile tools/tiny-llama out/tiny-llama --force
-xllm-run out/tiny-llama --prompt "The cache of keys and values" --max-new-tokens 24
+xllm-run out/tiny-llama --prompt "The cache of keys and values" --max-new-tokens 30
 xllm-run out/tiny-llama --prompt-ids 1,65,230,77 --max-new-tokens 8
