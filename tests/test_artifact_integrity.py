@@ -706,7 +706,7 @@ def check_generated_forward(source: str, exec_globals: dict) -> None:
     params = {a.arg for a in args.args}
     assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     # Beside allowlisted ops, generated code may call what the runtime's platform lowering put there
-    # (our own xllm kernels, oneDNN's packed linear): code of this project, never of the artifact.
+    # (our own xllm kernels and packed linear layers): code of this project, never of the artifact.
     allowed = [*PYTHON_OPS.values(), *lowered_targets()]
     python_ops = {name for name, value in exec_globals.items() if any(value is op for op in allowed)}
     readable = params | assigned | python_ops | FX_GLOBALS | {"getattr"}
@@ -727,8 +727,6 @@ def check_generated_forward(source: str, exec_globals: dict) -> None:
                 assert (dotted(node.args[0]) or "").startswith("self") and isinstance(node.args[1], ast.Constant)
                 continue
             assert callee and callee.startswith("torch.ops."), f"generated code calls {ast.unparse(node.func)}"
-            if callee == "torch.ops.mkldnn._linear_pointwise.default":
-                continue
             try:
                 op = resolve_target(callee.removeprefix("torch.ops."))
             except ArtifactError as exc:

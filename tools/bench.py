@@ -28,7 +28,8 @@ Figures, each the median, min and max of --runs runs:
   peak_rss_mb       in a process that loads only that system: peak RSS during a generate() of batch 8 x 64
                     tokens after a warm-up one (which compiles, for torch_compile); Linux's VmHWM reset just
                     before (else psutil, sampled every 5 ms); MB = 10**6 bytes.
-The machine's read bandwidth (best of summing a 1 GB float32 tensor) gives the bandwidth-bound decode
+The machine's read bandwidth (1 GB of float32 read by summing it, or as a matrix-vector product in our packed
+linear kernel, whichever is faster: see read_bandwidth_gbs) gives the bandwidth-bound decode
 limit at batch 1: weight bytes read per step (every linear incl. lm_head, norms, one embedding row) /
 bandwidth. At batch B one read of the weights serves B tokens, so decode figures are shown as a
 fraction of B x that limit (KV-cache reads are left out: they are small at these lengths).
@@ -43,6 +44,7 @@ RSS), one compile run: under 10 minutes on 2 idle cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -306,12 +308,31 @@ def run_worker(spec: dict, work: Path, inductor_cache: Path | None = None) -> di
 # -- machine facts (parent side) -----------------------------------------------------------------------
 
 
-def read_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
-    """Best GB/s of summing a float32 tensor much larger than the caches, on the current thread count."""
+def read_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> tuple[float, str]:
+    """Best GB/s of reading float32 data much larger than the caches, on the current thread count, and how.
+
+    Two readers: torch summing a tensor, and a one-row matrix-vector product over a packed matrix in
+    xllm_compiler's linear kernel (where it was built). On this project's machine the second streams
+    about a fifth faster than torch's reductions, so the sum alone would understate the limit."""
     x = torch.ones(int(gigabytes * 1e9) // 4)
-    x.sum()
-    best = min(timed(x.sum)[0] for _ in range(repeats))
-    return x.numel() * 4 / best / 1e9
+    results = {"summing a tensor": _best_gbs(x.sum, x.numel() * 4, repeats)}
+    del x
+    from xllm_compiler.ops.native import native_kernels
+
+    native = native_kernels()
+    if native is not None and "float32" in native.packed_linear_dtypes():
+        columns = 4096
+        packed = native.pack_linear_weight(torch.ones(int(gigabytes * 1e9) // 4 // columns, columns))
+        vector, out = torch.ones(1, columns), torch.empty(1, packed.shape[0] * 64)
+        read = functools.partial(native.packed_linear_out, vector, packed, None, out)
+        results["a matrix-vector product"] = _best_gbs(read, packed.numel() * 4, repeats)
+    how = max(results, key=results.get)
+    return results[how], how
+
+
+def _best_gbs(read, nbytes: int, repeats: int) -> float:
+    read()
+    return nbytes / min(timed(read)[0] for _ in range(repeats)) / 1e9
 
 
 def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
@@ -495,14 +516,15 @@ def main() -> None:
         if not (model_dir / "config.json").is_file():
             parser.error(f"{model_dir} has no config.json")
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        bandwidth = read_bandwidth_gbs(repeats=3 if args.quick else 5)
+        repeats = 3 if args.quick else 5
+        bandwidth, reader = read_bandwidth_gbs(repeats=repeats)
         limits = {d: bandwidth * 1e9 / weight_bytes_per_step(model_dir, d) for d in dtypes}
 
         console.print(f"[bold]machine[/bold]: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch threads")
         busy = "[bold yellow] (other processes are busy: timings will be noisy)[/bold yellow]" if load > 0.5 else ""
         console.print(f"load average (1 min) before the run: {load:.2f}{busy}")
         console.print(f"torch {torch.__version__}, python {platform.python_version()}, model {model_dir}")
-        console.print(f"memory read bandwidth: {bandwidth:.1f} GB/s (best of summing 1 GB of float32)")
+        console.print(f"memory read bandwidth: {bandwidth:.1f} GB/s (1 GB of float32, best of {repeats}, by {reader})")
         for d in dtypes:
             mb = weight_bytes_per_step(model_dir, d) / 1e6
             console.print(f"decode limit at batch 1, {d}: {mb:.0f} MB of weights per step -> {limits[d]:.1f} tok/s")

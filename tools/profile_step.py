@@ -34,12 +34,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import xllm_compiler
 from xllm_compiler.ops import KERNELS
-from xllm_compiler.ops.native import native_cpu_kernels
+from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
 from xllm_compiler.runtime.step import Sequence
 
 PROMPT = 32
 GRAPH_LABEL = "xllm.graph"
-GEMM_OPS = {"mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
+GEMM_OPS = {"xllm::packed_linear", "xllm::packed_linear_out", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
 #: xllm op -> the category its time goes to.
 OP_CATEGORY = {
     "paged_attention": "attention (incl. KV-cache write)",
@@ -76,6 +76,10 @@ def labelled(fn, label: str):
 def label_kernels(model) -> None:
     """Wrap every xllm kernel call in the (not yet built) bucket graphs in a profiler label."""
     names = {id(fn): name for name, fn in {**KERNELS, **native_cpu_kernels()}.items()}
+    native = native_kernels()
+    if native is not None:  # the packed linear layers the CPU platform put in
+        for name in ("packed_linear", "packed_linear_out"):
+            names[id(getattr(native, name))] = f"xllm::{name}"
     for graph in model.engine.graphs._graphs.values():
         for node in graph.nodes:
             if node.op == "call_function" and id(node.target) in names:

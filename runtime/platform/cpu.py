@@ -3,10 +3,11 @@
 - every ``xllm::`` op calls its kernel directly (a plain Python call; the dispatcher round trip of
   a Python custom op costs more than the small ops inside it): the fused C++ kernel of
   ops/cpu_kernels.cpp where it could be built, else the torch composite;
-- every linear layer on a stored weight runs on oneDNN with the weight pre-packed once into its
-  blocked layout (``mkldnn._reorder_linear_weight``), which reads weights at close to the memory
-  bandwidth where ``aten.linear``'s GEMV reaches about half of it (docs/performance.md). The plain
-  weight is dropped when nothing else reads it.
+- every linear layer on a stored float32 or bfloat16 weight runs ops/cpu_linear.cpp's kernel on a
+  copy of the weight packed once here, writing into the planned arena buffer. At decode it streams
+  weights at close to the memory's read bandwidth, where aten.linear's GEMV reaches about half of it
+  (docs/performance.md). The plain weight is dropped when nothing else reads it. Where the kernels
+  could not be built, linear layers stay aten.linear on the plain weights.
 """
 
 from __future__ import annotations
@@ -17,47 +18,25 @@ import torch
 from torch import fx
 
 from xllm_compiler.ops import KERNELS
-from xllm_compiler.ops.native import native_cpu_kernels
+from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
 from xllm_compiler.runtime.platform.base import Platform
 
 aten = torch.ops.aten
 LINEAR = (aten.linear.default, aten.linear.out)
-#: oneDNN's packing is tuned for a batch size; decode (one token per sequence) is what is bound by it.
-PACK_FOR_ROWS = 1
-PACKED_SUFFIX = "_onednn"
-
-
-def packed_linear_out(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
-) -> torch.Tensor:
-    """oneDNN linear on a packed weight, into a planned arena buffer (oneDNN has no out= form; the
-    copy of one activation is cheap next to reading the weight)."""
-    return out.copy_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+PACKED_SUFFIX = "_packed"
 
 
 def lowered_targets() -> frozenset:
     """What lowered graphs may call besides allowlisted ops: our kernels (native where built, else
-    composites) and oneDNN's packed linear."""
-    return frozenset(
-        [
-            *KERNELS.values(),
-            *native_cpu_kernels().values(),
-            torch.ops.mkldnn._linear_pointwise.default,
-            packed_linear_out,
-        ]
-    )
+    composites) and the packed linear layers."""
+    native = native_kernels()
+    linears = [native.packed_linear_out, native.packed_linear] if native is not None else []
+    return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *linears])
 
 
 def packable_dtypes() -> set[torch.dtype]:
-    if not torch.backends.mkldnn.is_available():
-        return set()
-    dtypes = {torch.float32}
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtypes.add(torch.bfloat16)
-    fp16 = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
-    if fp16 is not None and fp16():
-        dtypes.add(torch.float16)
-    return dtypes
+    native = native_kernels()
+    return {getattr(torch, name) for name in native.packed_linear_dtypes()} if native is not None else set()
 
 
 class CpuPlatform(Platform):
@@ -100,17 +79,17 @@ def _is_stored(weight: object, weights: dict[str, torch.Tensor], dtypes: set[tor
 
 
 def _use_packed_linear(graph: fx.Graph, node: fx.Node, weights: dict[str, torch.Tensor]) -> None:
+    native = native_kernels()
     weight = node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     packed = weight.target + PACKED_SUFFIX
     if packed not in weights:
-        weights[packed] = torch.ops.mkldnn._reorder_linear_weight(weights[weight.target], PACK_FOR_ROWS)
+        weights[packed] = native.pack_linear_weight(weights[weight.target])
     with graph.inserting_before(node):
         packed_node = graph.get_attr(packed)
     if "out" in node.kwargs:
-        node.target, node.args = packed_linear_out, (node.args[0], packed_node, bias, node.kwargs["out"])
-        node.kwargs = {}
-        return
-    node.target = torch.ops.mkldnn._linear_pointwise.default
-    node.args = (node.args[0], packed_node, bias, "none", [], "")
+        node.target, node.args = native.packed_linear_out, (node.args[0], packed_node, bias, node.kwargs["out"])
+    else:
+        out_features = weights[weight.target].shape[0]
+        node.target, node.args = native.packed_linear, (node.args[0], packed_node, bias, out_features)
     node.kwargs = {}

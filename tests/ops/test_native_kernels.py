@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xllm_compiler.ops import KERNELS, native
 from xllm_compiler.ops.attention import _attend_decode_batch, write_kv_cache_kernel
@@ -19,6 +20,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: Both sides round every materialised intermediate to the dtype, but float sums are ordered
 #: differently (a vector reduction here, torch's there): one rounding step of slack in 16-bit dtypes.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def packed_dtype_names() -> list[str]:
+    module = native.native_kernels()
+    return module.packed_linear_dtypes() if module is not None else []
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -147,3 +153,41 @@ def test_paged_decode_takes_the_second_half_of_a_split_step():
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("XLLM_NATIVE_KERNELS", "0")
     assert native.native_kernels.__wrapped__() is None
+
+
+def close_to_float(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """One rounding of a float sum, against float math: within one 16-bit rounding step of the largest value."""
+    tol = TOLERANCE[actual.dtype]
+    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+PACKED_DTYPES = [d for d in (torch.float32, torch.bfloat16) if str(d).removeprefix("torch.") in packed_dtype_names()]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64])
+@pytest.mark.parametrize(("outputs", "inputs"), [(7, 5), (64, 96), (100, 97), (130, 768)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_linear(dtype, rows, outputs, inputs, with_bias):
+    """Partial blocks of 64 outputs, partial tiles of 6 rows, odd K (a half pair in bfloat16), bias."""
+    native_module = native.native_kernels()
+    x, weight = torch.randn(rows, inputs, dtype=dtype), torch.randn(outputs, inputs, dtype=dtype)
+    bias = torch.randn(outputs, dtype=dtype) if with_bias else None
+    packed = native_module.pack_linear_weight(weight)
+    out = torch.full((rows, outputs), float("nan"), dtype=dtype)
+    assert native_module.packed_linear_out(x, packed, bias, out) is out
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    close_to_float(out, expected)
+    allocated = native_module.packed_linear(x, packed, bias, outputs)
+    torch.testing.assert_close(allocated, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_linear_reads_strided_rows(dtype):
+    merged = torch.randn(3, 200, dtype=dtype)
+    x = merged[:, 40:136]  # rows 200 apart, as a slice of a merged projection's output
+    weight = torch.randn(33, 96, dtype=dtype)
+    out = torch.empty(3, 33, dtype=dtype)
+    native.native_kernels().packed_linear_out(x, native.native_kernels().pack_linear_weight(weight), None, out)
+    expected = F.linear(x.float(), weight.float())
+    close_to_float(out, expected)

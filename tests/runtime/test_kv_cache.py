@@ -195,6 +195,6 @@ def test_blocks_are_zeroed_when_first_handed_out_not_before():
 def test_loaded_model_keeps_only_the_packed_copy_of_a_linear_weight(small_artifact):
     model = xllm_compiler.load(small_artifact)
     weights = model.engine.graphs._weights
-    packed = {name.removesuffix("_onednn") for name in weights if name.endswith("_onednn")}
+    packed = {name.removesuffix("_packed") for name in weights if name.endswith("_packed")}
     assert packed, "no linear weight was packed"
     assert not packed & set(weights), "a plain weight stayed beside its packed copy"

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp")]
 
 
 def _cpu_flags() -> str:
@@ -34,13 +34,13 @@ def native_kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (then composites are used)."""
     if os.environ.get("XLLM_NATIVE_KERNELS", "1") == "0":
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + _cpu_flags().encode()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
         return load(
             name=f"xllm_cpu_kernels_{digest}",
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
