@@ -62,6 +62,11 @@ class CpuPlatform(Platform):
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1], weights, dtypes):
                     _use_packed_linear(graph, node, weights)
+                elif node.target is aten.embedding.out and _is_token_list(node.args[1]):
+                    # ATen's embedding.out gathers into a new tensor, then copies; index_select.out
+                    # gathers straight into the planned buffer (the same rows: padding_idx only
+                    # matters to the gradient).
+                    node.target, node.args = aten.index_select.out, (node.args[0], 0, node.args[1])
             for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
                 graph.erase_node(node)  # the plain weight of a now-packed linear
         used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
@@ -76,6 +81,12 @@ class CpuPlatform(Platform):
 
 def _is_stored(weight: object, weights: dict[str, torch.Tensor], dtypes: set[torch.dtype]) -> bool:
     return isinstance(weight, fx.Node) and weight.op == "get_attr" and weights[weight.target].dtype in dtypes
+
+
+def _is_token_list(indices: object) -> bool:
+    """A 1-d index tensor (index_select's contract), by the shape the artifact recorded for it."""
+    meta = indices.meta.get("xllm_meta") if isinstance(indices, fx.Node) else None
+    return isinstance(meta, dict) and len(meta.get("shape") or ()) == 1
 
 
 def _use_packed_linear(graph: fx.Graph, node: fx.Node, weights: dict[str, torch.Tensor]) -> None:
