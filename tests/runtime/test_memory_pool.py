@@ -14,16 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import xllm_compiler
 from tests.hf_oracle import mixed_prompts
 from xllm_compiler.artifact.graph_format import ARENA_PREFIX, read_memory_plan
 from xllm_compiler.artifact.writer import WEIGHTS_FILE
+from xllm_compiler.buckets import DECODE, PREFILL
 from xllm_compiler.errors import OptionsError
 from xllm_compiler.interface import RESERVED_BLOCKS
 from xllm_compiler.run import main as run_main
 from xllm_compiler.runtime.kv_cache import KVCache
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
+from xllm_compiler.runtime.step import Sequence
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "tools" / "tiny-llama"
 NEW_TOKENS = 12
@@ -173,6 +176,60 @@ def test_activations_are_written_into_the_arena(artifact):
     hidden = decode.get_buffer(lm_head_input(decode))
     assert hidden.shape == (1, lm_head.shape[1]) and hidden.abs().sum() > 0
     assert int(F.linear(hidden[0], lm_head).argmax()) == tokens[-1]
+
+
+def allocations_inside_graph_calls(model, run) -> list[int]:
+    """Bytes of every allocation made inside a bucket graph call while ``run()`` runs (torch.profiler)."""
+    graphs = model.engine.graphs
+    module = graphs.module
+
+    def labelled(name: str):
+        graph = module(name)
+
+        def call(*args):
+            with record_function("bucket graph"):
+                return graph(*args)
+
+        return call
+
+    graphs.module = labelled
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+    finally:
+        graphs.module = module
+
+    def inside(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and parent.name != "bucket graph":
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children and inside(e)]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steady_decode_allocates_nothing_but_the_logits(artifact, batch):
+    """After warm-up, a decode step's graph writes every intermediate into the arena, linear layers and
+    the embedding included: the one allocation inside the call is the logits it returns."""
+    model = xllm_compiler.load(artifact)
+    engine = model.engine
+    seqs = [Sequence(tokens=list(range(1, 9 + i)), prompt_len=8 + i) for i in range(batch)]
+    for seq in seqs:
+        seq.blocks = engine.pool.allocate(engine.blocks_for(seq.prompt_len + 8))
+
+    def decode() -> None:
+        for seq in seqs:
+            seq.tokens.append(5)
+        engine.step(DECODE, [(seq, 1) for seq in seqs])
+
+    with torch.inference_mode():
+        engine.step(PREFILL, [(seq, len(seq.tokens)) for seq in seqs])
+        for _ in range(3):
+            decode()
+        allocated = allocations_inside_graph_calls(model, decode)
+    rows = next(b for b in (1, 2, 4, 8) if b >= batch)  # the decode bucket the step runs on
+    assert allocated == [rows * model.vocab_size * 4], allocated  # float32 logits, one row per bucket slot
 
 
 # -- the KV pool: kv_blocks and max_memory_utilization ----------------------------------------------------------
