@@ -5,7 +5,7 @@
   ops/cpu_kernels.cpp where it could be built, else the torch composite;
 - every linear layer on a stored float32 or bfloat16 weight runs ops/cpu_linear.cpp's kernel on a
   copy of the weight packed once here, writing into the planned arena buffer. At decode it streams
-  weights at close to the memory's read bandwidth, where aten.linear's GEMV reaches about half of it
+  weights at about the memory's read bandwidth, where aten.linear's GEMV reaches a third to a half of it
   (docs/performance.md). The plain weight is dropped when nothing else reads it. Where the kernels
   could not be built, linear layers stay aten.linear on the plain weights.
 """

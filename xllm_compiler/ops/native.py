@@ -1,10 +1,11 @@
-"""The fused CPU kernels of cpu_kernels.cpp, built once per machine with torch's extension builder.
+"""The CPU kernels of cpu_kernels.cpp (fused xllm ops, decode attention) and cpu_linear.cpp (packed
+linear layers), built once per machine with torch's extension builder.
 
 Built at first use (about a minute) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by
 default ~/.cache/torch_extensions) and loaded from there afterwards. The build targets this CPU
 (``-march=native``), so the cached build is keyed by the CPU's feature flags as well as the source.
-Without a C++ compiler, or with ``XLLM_NATIVE_KERNELS=0``, the ops keep their torch composites:
-same results, more time per op.
+Without a C++ compiler, or with ``XLLM_NATIVE_KERNELS=0``, the ops keep their torch composites and
+linear layers stay aten.linear: same results, more time per op.
 """
 
 from __future__ import annotations
