@@ -13,25 +13,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import median_ms
 
 from xllm_compiler.ops.native import native_kernels
 
 LAYER = [(1024, 768), (768, 768), (4096, 768), (768, 2048)]
 LM_HEAD = (32000, 768)
-
-
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,7 +60,8 @@ def main() -> None:
             repeats = max(3, args.repeats // 3) if rows >= 256 else args.repeats
             cells = []
             for system, run in systems.items():
-                seconds = median_s(run, repeats)
+                run()  # warm-up
+                seconds = median_ms(run, repeats) / 1e3
                 cells.append(f"{system} {seconds * 1e3:7.2f} ms ({nbytes / seconds / 1e9:4.1f} GB/s)")
             print(f"{name:8} rows {rows:4}: " + " | ".join(cells))
 

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import make_step
+from profile_step import make_step, median_ms
 
 import xllm_compiler
 
@@ -50,17 +48,13 @@ def measure(artifact: str, steps: int) -> dict[str, dict[str, float]]:
             runs = steps if phase == "decode" else max(3, steps // 5)
             for _ in range(3):
                 step()
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
+            step_ms = median_ms(step, runs)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(runs):
                     step()
             waits = [e for e in prof.events() if e.name == WAIT_OP]
             results[label] = {
-                "step_ms": statistics.median(times) * 1e3,
+                "step_ms": step_ms,
                 "wait_ms": sum(e.cpu_time_total for e in waits) / 1e3 / runs,
                 "waits": len(waits) / runs,
             }
