@@ -2,19 +2,23 @@
 
 The pipeline is one ordered list, the same on every platform (the platform only decides how the
 ``xllm::`` ops a fusion produces are lowered). Each pass is timed, its node counts and matches are
-recorded, and the graph is linted after it, so a broken rewrite fails at the pass that made it.
+recorded, and the graph is linted after it, so a broken rewrite fails at the pass that made it. A
+pass that raises fails the compile with a CompileError naming it, its version, the node it was on
+and (with --debug-dump) the file holding the graph it was given.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from torch import fx
 
-from xllm_compiler.errors import CompileError, OptionsError
+from xllm_compiler.errors import CompileError, InputError, OptionsError, XllmError
 from xllm_compiler.passes.cleanup.eliminate_common_subexpressions import eliminate_common_subexpressions
 from xllm_compiler.passes.cleanup.eliminate_dead_code import eliminate_dead_code
 from xllm_compiler.passes.cleanup.fold_constants import fold_constants
@@ -102,12 +106,47 @@ def count_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for node in gm.graph.nodes if node.op == "call_function")
 
 
+def failing_node(exc: BaseException, graph: fx.Graph) -> fx.Node | None:
+    """The node of ``graph`` a pass was working on when it raised ``exc``: from the innermost frame of
+    the traceback that holds one, a local named ``node`` first (the loop variable of most passes)."""
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        candidates = [frame.f_locals.get("node"), *frame.f_locals.values()]
+        for value in candidates:
+            if isinstance(value, fx.Node) and value.graph is graph:
+                return value
+    return None
+
+
+def _target_name(node: fx.Node) -> str:
+    if isinstance(node.target, (str, torch._ops.OpOverload)):
+        return str(node.target)
+    return getattr(node.target, "__name__", repr(node.target))
+
+
+def pass_failure(
+    graph_pass: GraphPass, what: str, exc: BaseException, node: fx.Node | None, graph_file: Path | None
+) -> CompileError:
+    """One line: which pass (and version) failed how, on which node, with which graph as input."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not isinstance(exc, XllmError):
+        detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    where = f" at node {node.name} ({_target_name(node)})" if node is not None else ""
+    return CompileError(f"pass {graph_pass.name} v{graph_pass.version} {what}{where}: {detail}{_given(graph_file)}")
+
+
+def _given(graph_file: Path | None) -> str:
+    return f" (the graph it was given: {graph_file})" if graph_file is not None else ""
+
+
 class PassManager:
     """Runs passes in order over one GraphModule, then regenerates its code (passes edit the graph
     only; recompiling after each would cost more than most passes).
 
     ``check`` (optional) runs after every pass (e.g. --verify's NumericsCheck); ``dump_dir`` (optional)
     receives the graph's code before the first pass and after each one, for --debug-dump.
+
+    Whatever a pass raises becomes a CompileError naming the pass (the original chained as its
+    cause), except an InputError: bad input the user can fix stays what it is.
     """
 
     def __init__(
@@ -120,27 +159,42 @@ class PassManager:
         self.check = check
         self.dump_dir = dump_dir
 
-    def _dump(self, index: int, name: str, gm: fx.GraphModule) -> None:
-        if self.dump_dir is not None:
-            self.dump_dir.mkdir(parents=True, exist_ok=True)
-            (self.dump_dir / f"{index:02d}_{name}.py").write_text(gm.print_readable(print_output=False))
+    def _dump(self, index: int, name: str, gm: fx.GraphModule) -> Path | None:
+        if self.dump_dir is None:
+            return None
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        path = self.dump_dir / f"{index:02d}_{name}.py"
+        path.write_text(gm.print_readable(print_output=False))
+        return path
 
     def run(self, gm: fx.GraphModule) -> list[PassRecord]:
         records = []
-        self._dump(0, "captured", gm)
+        given = self._dump(0, "captured", gm)  # each dump is the next pass's input
         for index, graph_pass in enumerate(self.passes, start=1):
             before = count_nodes(gm)
             start = time.perf_counter()
-            result = graph_pass(gm)
+            try:
+                result = graph_pass(gm)
+            except InputError:
+                raise
+            except Exception as exc:
+                raise pass_failure(graph_pass, "failed", exc, failing_node(exc, gm.graph), given) from exc
             seconds = time.perf_counter() - start
             try:
                 gm.graph.lint()
             except Exception as exc:  # lint raises RuntimeError or AssertionError
-                raise CompileError(f"pass {graph_pass.name} left an invalid graph: {exc}") from exc
+                raise pass_failure(graph_pass, "left an invalid graph", exc, None, given) from exc
             if self.check is not None:
                 gm.recompile()
-                self.check(graph_pass, gm)
-            self._dump(index, graph_pass.name, gm)
+                try:
+                    self.check(graph_pass, gm)
+                except CompileError as exc:  # the check's verdict names the pass; add where its input is
+                    raise CompileError(f"{exc}{_given(given)}") from exc
+                except InputError:
+                    raise
+                except Exception as exc:  # e.g. the rewritten graph does not run
+                    raise pass_failure(graph_pass, "failed its check", exc, None, given) from exc
+            given = self._dump(index, graph_pass.name, gm)
             records.append(
                 PassRecord(
                     graph_pass.name, graph_pass.version, round(seconds, 6), before, count_nodes(gm), result.matches

@@ -3,10 +3,13 @@
 The samples are two real steps through the paged KV cache (a prefill of two prompts, then a decode
 step that reads what the prefill wrote), so attention, padding-free metadata and the cache all take
 part. Each pass is compared with the graph before it, which names the culprit exactly; the tolerance
-is relative to the largest logit (float32 1e-4; 16-bit floats 2e-2, a few eps of bf16).
+is relative to the largest logit (float32 1e-4; 16-bit floats 2e-2, a few eps of bf16). A failure
+says where the largest difference is (which step, which logit) and how large, absolute and relative.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -17,6 +20,7 @@ from xllm_compiler.passes.graph_pass import GraphPass
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROMPT_LENGTHS = (3, 4)
+STEP_NAMES = ("prefill", "decode")  # the steps sample_steps returns, in order
 
 
 def _kv_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -73,9 +77,43 @@ def run_steps(
 
 
 def relative_error(result: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return max(
-        ((r - e).abs().max() / e.abs().max().clamp_min(1e-12)).item() for r, e in zip(result, reference, strict=True)
-    )
+    """The largest difference over all outputs, relative to the largest magnitude of its reference."""
+    return largest_difference(result, reference).relative
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Where two runs differ most: output ``output`` (one per step), element ``index`` ([sequence, token
+    id] of the logits), by how much."""
+
+    output: int
+    index: tuple[int, ...]
+    absolute: float
+    relative: float  # to the largest magnitude of that output's reference
+
+    def describe(self, names: tuple[str, ...] = STEP_NAMES) -> str:
+        step = names[self.output] if self.output < len(names) else f"output {self.output}"
+        where = f"element {list(self.index)}"
+        if len(self.index) == 2:
+            where = f"logit {self.index[1]} of sequence {self.index[0]}"
+        return f"in the {step} step, {where} moved by {self.absolute:.3g} ({self.relative:.3g} of the largest logit)"
+
+
+def largest_difference(result: list[torch.Tensor], reference: list[torch.Tensor]) -> Difference:
+    """The element, over every output, whose difference relative to its output's largest value is the largest
+    (NaN counts as infinitely large)."""
+    worst: Difference | None = None
+    for output, (r, e) in enumerate(zip(result, reference, strict=True)):
+        difference = (r - e).abs().nan_to_num(nan=float("inf"))
+        flat = int(difference.argmax())
+        absolute = difference.flatten()[flat].item()
+        relative = absolute / max(e.abs().max().item(), 1e-12)
+        if worst is None or relative > worst.relative:
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), difference.shape))
+            worst = Difference(output, index, absolute, relative)
+    if worst is None:
+        raise ValueError("no outputs to compare")
+    return worst
 
 
 class NumericsCheck:
@@ -89,11 +127,11 @@ class NumericsCheck:
 
     def __call__(self, graph_pass: GraphPass, gm: fx.GraphModule) -> None:
         outputs = run_steps(gm, self.steps, self.caches)
-        error = relative_error(outputs, self.last)
-        self.errors[graph_pass.name] = error
-        if not error <= self.tolerance:
+        difference = largest_difference(outputs, self.last)
+        self.errors[graph_pass.name] = difference.relative
+        if not difference.relative <= self.tolerance:
             raise CompileError(
-                f"pass {graph_pass.name} changed the graph's results: relative error {error:.3g} "
-                f"exceeds {self.tolerance:g} (verified with --verify)"
+                f"pass {graph_pass.name} v{graph_pass.version} changed the graph's results (--verify): "
+                f"{difference.describe()}, over the tolerance {self.tolerance:g}"
             )
         self.last = outputs

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (transformers is the oracle) and compiled artifacts.
 
-Markers: ``slow`` runs only with --runslow or XLLM_RUN_SLOW=1; ``distributed``, ``gpu`` and ``npu``
-are described in tests/README.md.
+The one marker, ``distributed``, is described in tests/README.md.
 """
 
 from __future__ import annotations
@@ -11,19 +10,6 @@ import os
 import pytest
 
 from tests.hf_oracle import TinyCheckpoints
-
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or os.environ.get("XLLM_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow or XLLM_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Test helpers for pass developers: check a pass on a real model graph in a few lines.
+"""The pass-writer's kit: check a pass on a real model graph, or on a small graph you write by hand.
+
+On a model graph, in a few lines::
 
     from xllm_compiler.testing import check_pass
     result = check_pass(fuse_rms_norm, "Qwen3ForCausalLM", num_layers=2, expected_matches=1 + 2 * 2)
@@ -8,22 +10,37 @@ traces it, runs every pipeline pass that comes before yours (so the graph is in 
 will really see), then your pass, and asserts: the match count, the op counts you name (before and
 after), a valid graph, and numerics: two real steps (prefill, then decode through the KV cache)
 before and after agree within the dtype's tolerance, in float32 and bfloat16.
+
+On a hand-built graph (a pattern no bundled model contains, a corner case a model never shows)::
+
+    x = torch.randn(5, 8)
+    gm = cleanup(trace(lambda x: x * torch.sigmoid(x), x))
+    expected = run(gm, x)
+    assert my_pass(gm).matches == 1
+    assert_close(run(gm, x), expected, torch.float32)
+
+``trace`` gives the ATen graph torch.export would (symbolic sizes, ``meta["val"]`` on every node,
+weights as ``get_attr``); ``cleanup`` then runs the canonicalising passes the pipeline runs before
+any fusion, without which a hand-built graph holds no-op casts and views the real one never shows.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from xllm_compiler.capture import capture
 from xllm_compiler.interface import STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import spec_from_config
 from xllm_compiler.models.decoder import DecoderForCausalLM
 from xllm_compiler.passes import GraphPass, default_pipeline
+from xllm_compiler.passes.pattern_pass import CANONICAL_CLEANUP
 from xllm_compiler.passes.verify import TOLERANCE, relative_error, run_steps, sample_steps
 
 TINY_CONFIG: dict[str, Any] = dict(
@@ -134,3 +151,96 @@ def check_pass(
         )
         checks.append(PassCheck(dtype, result.matches, before, after, error, gm))
     return checks
+
+
+# -- hand-built graphs ---------------------------------------------------------------------------
+
+
+def trace(
+    fn: Callable[..., Any],
+    *inputs: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None = None,
+    weights_first: bool = True,
+    tracing_mode: Literal["symbolic", "fake"] = "symbolic",
+) -> fx.GraphModule:
+    """``fn(*inputs)`` as an ATen GraphModule, the IR torch.export produces (make_fx, pre-dispatch),
+    every node carrying ``meta["val"]``. Tensors of ``weights`` that ``fn`` closes over become
+    ``get_attr`` nodes named by their keys (dotted names make submodules, as in a real model), read at
+    the top of the graph as capture() does, or where first used (``weights_first=False``). Sizes are
+    symbolic, as in the graph the pipeline sees; ``tracing_mode="fake"`` keeps the inputs' sizes, as in
+    a bucket's specialised graph."""
+    traced = make_fx(fn, pre_dispatch=True, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)(*inputs)
+    names = {id(tensor): name for name, tensor in (weights or {}).items()}
+    root: dict[str, torch.Tensor] = {}
+    first_op = next(n for n in traced.graph.nodes if n.op != "placeholder")
+    for node in list(traced.graph.nodes):
+        if node.op == "get_attr":
+            tensor = getattr(traced, node.target)
+            node.target = names.get(id(tensor), node.target)
+            root[node.target] = tensor
+            if weights_first and node is not first_op:
+                first_op.prepend(node)  # weights first, as in a captured model graph
+    return fx.GraphModule(root, traced.graph)
+
+
+def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
+    """The canonicalising cleanup the pipeline runs before any fusion (and patterns get too)."""
+    for graph_pass in CANONICAL_CLEANUP:
+        graph_pass(gm)
+    return gm
+
+
+def run(gm: fx.GraphModule, *inputs: torch.Tensor) -> Any:
+    """The graph's outputs on ``inputs`` (cloned, so that mutating graphs leave them alone)."""
+    gm.recompile()
+    with torch.no_grad():
+        return gm(*(x.clone() for x in inputs))
+
+
+def count(gm: fx.GraphModule, target: Any) -> int:
+    """How many call_function nodes call ``target``."""
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target == target)
+
+
+def code(gm: fx.GraphModule) -> str:
+    """The graph's printed Python code, regenerated: passes edit the graph only."""
+    gm.recompile()
+    return gm.code
+
+
+def assert_close(actual: Any, expected: Any, dtype: torch.dtype) -> None:
+    """Outputs agree within the tolerance --verify uses for ``dtype``, relative to the largest value."""
+    actual = actual if isinstance(actual, (list, tuple)) else [actual]
+    expected = expected if isinstance(expected, (list, tuple)) else [expected]
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        scale = e.float().abs().max().clamp_min(1e-12)
+        error = ((a.float() - e.float()).abs().max() / scale).item()
+        assert error <= TOLERANCE[dtype], f"relative error {error:.3g} > {TOLERANCE[dtype]}"
+
+
+def check_meta(gm: fx.GraphModule, *inputs: torch.Tensor) -> None:
+    """Every node's ``meta["val"]`` has the rank, static sizes and dtype of the value it really computes
+    (what a replacement's new nodes get from the matcher, and the memory planner relies on)."""
+
+    class Checker(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            result = super().run_node(node)
+            values = result if isinstance(result, (list, tuple)) else [result]
+            metas = node.meta.get("val")
+            metas = metas if isinstance(metas, (list, tuple)) else [metas]
+            for value, meta in zip(values, metas, strict=False):
+                if isinstance(value, torch.Tensor) and isinstance(meta, torch.Tensor):
+                    sizes = [s if isinstance(s, int) else None for s in meta.shape]
+                    assert value.dim() == len(sizes) and value.dtype == meta.dtype, (
+                        f"{node.format_node()}: computes {value.dtype}{list(value.shape)}, meta says {meta}"
+                    )
+                    assert all(s is None or s == v for s, v in zip(sizes, value.shape, strict=True)), (
+                        f"{node.format_node()}: computes {list(value.shape)}, meta says {list(meta.shape)}"
+                    )
+            return result
+
+    gm.recompile()
+    with torch.no_grad():
+        Checker(gm).run(*(x.clone() for x in inputs))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
+
+from xllm_compiler.passes.bucket_sizes import bucket_substitutions, concrete
 
 funcol = torch.ops._c10d_functional
 ISSUES = {
@@ -53,11 +57,12 @@ def comm_report(gm: fx.GraphModule) -> dict[str, float]:
     the schedule leaves."""
     issues = [n for n in gm.graph.nodes if is_issue(n)]
     fused = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FUSED_ISSUES]
+    subs = bucket_substitutions(gm)
     nbytes = 0
     for issue in [*issues, *fused]:
         value = issue.args[0].meta.get("val")
         if isinstance(value, torch.Tensor):
-            nbytes += int(_numel(value, gm)) * value.element_size()
+            nbytes += math.prod(concrete(size, subs) for size in value.shape) * value.element_size()
     windows = [overlap_window(i) for i in issues] + [0] * len(fused)
     return {
         "collectives": len(issues) + len(fused),
@@ -65,12 +70,3 @@ def comm_report(gm: fx.GraphModule) -> dict[str, float]:
         "overlapped": sum(1 for w in windows if w > 0),
         "mean_overlap_window": round(sum(windows) / len(windows), 2) if windows else 0.0,
     }
-
-
-def _numel(value: torch.Tensor, gm: fx.GraphModule) -> int:
-    sizes = gm.meta.get("sizes", {})
-    subs = {gm.meta["symbols"][k]: v for k, v in sizes.items() if k in gm.meta.get("symbols", {})}
-    total = 1
-    for size in value.shape:
-        total *= int(size.node.expr.subs(subs)) if isinstance(size, torch.SymInt) else int(size)
-    return total

@@ -16,6 +16,7 @@ both halves concatenated. Row-wise ops only are split: anything else consumes th
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -23,9 +24,10 @@ import torch
 from torch import fx
 
 from xllm_compiler.interface import NUM_TOKENS
+from xllm_compiler.options import DEFAULT_MICRO_BATCH_MIN_TOKENS as DEFAULT_MIN_TOKENS
+from xllm_compiler.passes.bucket_sizes import bucket_substitutions, concrete
 from xllm_compiler.passes.comm.collectives import ISSUES, WAIT, is_issue
 from xllm_compiler.passes.graph_pass import GraphPass, PassResult
-from xllm_compiler.passes.memory.liveness import concrete
 
 aten, xllm = torch.ops.aten, torch.ops.xllm
 #: Ops that compute each output row from the same row of their token-wise inputs.
@@ -39,12 +41,6 @@ ROW_WISE = {
 }  # fmt: skip
 ATTENTION = xllm.paged_attention.default
 TOKEN_INPUTS = ("input_ids", "positions", "slot_mapping")
-
-
-#: Measured with tools/tp_overlap.py (TP=2, gloo, 2 CPU cores): a split step was slower than a whole one at
-#: 32 and 128 tokens, decode or prefill (twice the collectives, each with its fixed cost, and half-size
-#: GEMMs); at 512 it hid a median 70% of the time blocked in all-reduce waits and was faster in 3 runs of 4.
-DEFAULT_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
         return 0 not in [d % len(shape) for d in args[1]]
     if target in (aten.view.default, aten.reshape.default):
         source = _shape(args[0].meta.get("val"), subs)
-        return source is not None and source[0] == tokens and _numel(source[1:]) == _numel(shape[1:])
+        return source is not None and source[0] == tokens and math.prod(source[1:]) == math.prod(shape[1:])
     if target is ATTENTION:
         return True
     for other in node.all_input_nodes:  # other operands must broadcast along the token dim
@@ -87,13 +83,6 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
         if other not in token_wise and other_shape and len(other_shape) == len(shape) and other_shape[0] != 1:
             return False
     return True
-
-
-def _numel(dims: list[int]) -> int:
-    total = 1
-    for d in dims:
-        total *= d
-    return total
 
 
 class SplitMicroBatches(GraphPass):
@@ -115,8 +104,7 @@ class SplitMicroBatches(GraphPass):
 
     def _token_wise(self, gm: fx.GraphModule, tokens: int) -> set[fx.Node] | None:
         """Values with one row per token, by dataflow from the token inputs through row-wise ops."""
-        symbols = gm.meta.get("symbols", {})
-        subs = {symbols[k]: v for k, v in gm.meta.get("sizes", {}).items() if k in symbols}
+        subs = bucket_substitutions(gm)
         token_wise: set[fx.Node] = set()
         for node in gm.graph.nodes:
             is_input = node.op == "placeholder" and node.name in TOKEN_INPUTS

@@ -4,7 +4,7 @@ Before:  y = fused_add_rms_norm(x, residual, weight, eps)[0];  rows = index_sele
 After:   rows = fused_add_rms_norm(index_select(x, ...), index_select(residual, ...), weight, eps)[0]
 A prefill step of T tokens from S prompts then normalises S rows instead of T (8 instead of 512). The
 norm is row-wise, so results are identical. Declines when the sum output is used (the pattern's
-intermediate would escape). This is the worked example of docs/writing-a-pass.md.
+intermediate would escape).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 from torch import fx
+
+from xllm_compiler.passes.bucket_sizes import bucket_substitutions, concrete
 
 #: (node, output index): the identity of a storage.
 StorageKey = tuple[fx.Node, int]
@@ -35,16 +36,6 @@ class Storage:
     def name(self) -> str:
         node, index = self.key
         return f"{node.name}_out{index}" if index else node.name
-
-
-def concrete(size: Any, subs: dict[sympy.Symbol, int]) -> int:
-    if isinstance(size, int):
-        return size
-    expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.sympify(size)
-    value = expr.subs(subs)
-    if not value.is_Integer:
-        raise ValueError(f"size {size} is not concrete for this bucket")
-    return int(value)
 
 
 def _aliases_input(target: Any) -> int | None:
@@ -70,8 +61,7 @@ class Liveness:
     """The storages of ``gm`` (specialised: ``gm.meta['sizes']``) and the storage behind every value."""
 
     def __init__(self, gm: fx.GraphModule):
-        sizes = gm.meta.get("sizes", {})
-        self.subs = {gm.meta["symbols"][n]: v for n, v in sizes.items() if n in gm.meta.get("symbols", {})}
+        self.subs = bucket_substitutions(gm)
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.storage_of: dict[tuple[fx.Node, int], StorageKey | None] = {}
         self.storages: dict[StorageKey, Storage] = {}

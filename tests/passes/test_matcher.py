@@ -9,18 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.passes.graphs import (
-    assert_close,
-    aten,
-    check_meta,
-    cleanup,
-    code,
-    count,
-    model_graph,
-    run,
-    trace,
-    xllm,
-)
+from tests.passes.graphs import aten, model_graph, xllm
 from xllm_compiler.ops import reference
 from xllm_compiler.passes import default_pipeline
 from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
@@ -29,6 +18,7 @@ from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedd
 from xllm_compiler.passes.fusion.fuse_silu_and_mul import fuse_silu_and_mul
 from xllm_compiler.passes.matcher import PatternGraph
 from xllm_compiler.passes.pattern_pass import FusionPass
+from xllm_compiler.testing import assert_close, check_meta, cleanup, code, count, run, trace
 
 # -- operand order -------------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.passes.graphs import assert_close, aten, check_meta, cleanup, run, trace
+from tests.passes.graphs import aten
 from xllm_compiler.ops import reference
 from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
 from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
 from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedding
 from xllm_compiler.passes.fusion.fuse_silu_and_mul import fuse_silu_and_mul
+from xllm_compiler.testing import assert_close, check_meta, cleanup, run, trace
 
 PROPERTY = settings(
     max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True

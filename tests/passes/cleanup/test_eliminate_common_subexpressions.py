@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tests.passes.graphs import assert_close, aten, code, count, run, trace, xllm
+from tests.passes.graphs import aten, xllm
 from xllm_compiler.passes.cleanup.eliminate_common_subexpressions import eliminate_common_subexpressions
+from xllm_compiler.testing import assert_close, code, count, run, trace
 
 
 def test_merges_duplicate_expressions_and_their_chains():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.passes.graphs import ARCHITECTURES, DEPTHS, assert_close, aten, code, count, run, trace
+from tests.passes.graphs import ARCHITECTURES, DEPTHS, aten
 from xllm_compiler.passes.cleanup.fold_constants import fold_constants
-from xllm_compiler.testing import check_pass
+from xllm_compiler.testing import assert_close, check_pass, code, count, run, trace
 
 
 @pytest.mark.parametrize("num_layers", DEPTHS)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.passes.graphs import assert_close, aten, code, count, run, trace
+from tests.passes.graphs import aten
 from xllm_compiler.passes.cleanup.remove_noop_ops import remove_noop_ops
+from xllm_compiler.testing import assert_close, code, count, run, trace
 
 
 def _remove(fn, *inputs):

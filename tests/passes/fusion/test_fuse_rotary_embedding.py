@@ -5,22 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.passes.graphs import (
-    ARCHITECTURES,
-    DEPTHS,
-    assert_close,
-    aten,
-    check_meta,
-    cleanup,
-    code,
-    count,
-    run,
-    trace,
-    xllm,
-)
+from tests.passes.graphs import ARCHITECTURES, DEPTHS, aten, xllm
 from xllm_compiler.ops import reference
 from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedding
-from xllm_compiler.testing import check_pass
+from xllm_compiler.testing import assert_close, check_meta, check_pass, cleanup, code, count, run, trace
 
 
 @pytest.mark.parametrize("num_layers", DEPTHS)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.passes.graphs import ARCHITECTURES, DEPTHS, assert_close, aten, check_meta, cleanup, code, count, run, trace
+from tests.passes.graphs import ARCHITECTURES, DEPTHS, aten
 from xllm_compiler.ops import reference
 from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_projections
-from xllm_compiler.testing import check_pass
+from xllm_compiler.testing import assert_close, check_meta, check_pass, cleanup, code, count, run, trace
 
 
 @pytest.mark.parametrize("num_layers", DEPTHS)

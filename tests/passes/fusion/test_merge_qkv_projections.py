@@ -6,21 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.passes.graphs import (
-    ARCHITECTURES,
-    DEPTHS,
-    assert_close,
-    aten,
-    check_meta,
-    cleanup,
-    code,
-    count,
-    run,
-    trace,
-    xllm,
-)
+from tests.passes.graphs import ARCHITECTURES, DEPTHS, aten, xllm
 from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projections
-from xllm_compiler.testing import check_pass
+from xllm_compiler.testing import assert_close, check_meta, check_pass, cleanup, code, count, run, trace
 
 
 @pytest.mark.parametrize("num_layers", DEPTHS)
