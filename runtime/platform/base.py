@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import fx
+
+from xllm_compiler.runtime.weights import PrepareWeight
+
+#: Where a container's memory limit and use are found (cgroup v2, then v1).
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def available_host_memory() -> int:
+    """Host memory a new allocation can take: MemAvailable (free memory plus the page cache the kernel
+    can drop; MemFree alone undercounts), and no more than the container's cgroup limit leaves."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, max(0, int(limit) - usage))
+        break
+    return int(available)
 
 
 class Platform:
@@ -33,6 +65,11 @@ class Platform:
 
     def register_kernels(self) -> None:
         """Bind the ``xllm::`` ops to this device's fused kernels, where it has them (idempotent)."""
+
+    def weight_preparer(self, graphs: dict[str, fx.Graph]) -> PrepareWeight | None:
+        """The hook runtime/weights.py passes each weight through as it is read, ahead of ``lower``
+        (a platform that repacks weights does it there, one tensor at a time); None keeps them as read."""
+        return None
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         """Rewrite loaded graphs (and their weights) in place for this device; the default keeps them."""

@@ -4,10 +4,16 @@
   a Python custom op costs more than the small ops inside it): the fused C++ kernel of
   ops/cpu_kernels.cpp where it could be built, else the torch composite;
 - every linear layer on a stored float32 or bfloat16 weight runs ops/cpu_linear.cpp's kernel on a
-  copy of the weight packed once here, writing into the planned arena buffer. At decode it streams
+  copy of the weight packed once, writing into the planned arena buffer. At decode it streams
   weights at about the memory's read bandwidth, where aten.linear's GEMV reaches a third to a half of it
-  (docs/performance.md). The plain weight is dropped when nothing else reads it. Where the kernels
-  could not be built, linear layers stay aten.linear on the plain weights.
+  (docs/performance.md). Where the kernels could not be built, linear layers stay aten.linear on the
+  plain weights.
+
+The packing happens as the weights are read (``weight_preparer``, for runtime/weights.py): each linear
+weight is packed the moment it arrives and its plain copy dropped, so a load never holds both forms of
+the model, only both forms of one tensor. A tied embedding gathers its rows from the packed lm_head
+(``packed_embedding``) rather than keep a plain copy of the table: for Llama-3.2-1B that copy was a fifth
+of the weights. Only a weight some other op reads keeps its plain copy too.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from torch import fx
 
 from xllm_compiler.ops import KERNELS
 from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
-from xllm_compiler.runtime.platform.base import Platform
+from xllm_compiler.runtime.platform.base import Platform, available_host_memory
+from xllm_compiler.runtime.weights import PrepareWeight
 
 aten = torch.ops.aten
 LINEAR = (aten.linear.default, aten.linear.out)
+EMBEDDING = (aten.embedding.default, aten.embedding.out)
 PACKED_SUFFIX = "_packed"
 
 
@@ -30,8 +38,8 @@ def lowered_targets() -> frozenset:
     """What lowered graphs may call besides allowlisted ops: our kernels (native where built, else
     composites) and the packed linear layers."""
     native = native_kernels()
-    linears = [native.packed_linear_out, native.packed_linear] if native is not None else []
-    return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *linears])
+    packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
+    return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *(packed if native is not None else [])])
 
 
 def packable_dtypes() -> set[torch.dtype]:
@@ -46,13 +54,29 @@ class CpuPlatform(Platform):
         return True
 
     def free_memory_bytes(self) -> int:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return available_host_memory()
 
     def total_memory_bytes(self) -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
-    def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
+    def weight_preparer(self, graphs: dict[str, fx.Graph]) -> PrepareWeight:
+        """Pack each linear layer's weight as it is read; keep a plain copy only where an op other than a
+        linear layer or an embedding gather (which reads the packed rows) reads it, and nothing of a tensor
+        no graph reads."""
+        as_linear, as_gather, as_other = _weight_uses(graphs)
         dtypes = packable_dtypes()
+
+        def prepare(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+            if name in as_linear and tensor.dtype in dtypes and tensor.dim() == 2:
+                packed = {name + PACKED_SUFFIX: native_kernels().pack_linear_weight(tensor)}
+                return {**packed, name: tensor} if name in as_other else packed
+            return {name: tensor} if name in as_linear | as_gather | as_other else {}
+
+        return prepare
+
+    def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
+        """Rewrite the graphs onto the weights ``weight_preparer`` made: a linear layer (or embedding)
+        whose weight was packed runs the packed kernel; what no graph reads any more is dropped."""
         kernels = {**KERNELS, **native_cpu_kernels()}
         for graph in graphs.values():
             for node in list(graph.nodes):
@@ -60,8 +84,10 @@ class CpuPlatform(Platform):
                     continue
                 if node.target.namespace == "xllm" and node.target.name() in kernels:
                     node.target = kernels[node.target.name()]
-                elif node.target in LINEAR and _is_stored(node.args[1], weights, dtypes):
-                    _use_packed_linear(graph, node, weights)
+                elif node.target in LINEAR and _is_stored(node.args[1]) and _packed(node.args[1]) in weights:
+                    _use_packed_linear(graph, node)
+                elif node.target in EMBEDDING and _is_stored(node.args[0]) and _only_packed(node.args[0], weights):
+                    _use_packed_embedding(graph, node)  # a tied embedding: its table is the packed lm_head
                 elif node.target is aten.embedding.out and _is_token_list(node.args[1]):
                     # ATen's embedding.out gathers into a new tensor, then copies; index_select.out
                     # gathers straight into the planned buffer (the same rows: padding_idx only
@@ -72,15 +98,35 @@ class CpuPlatform(Platform):
         used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
         for name in [name for name in weights if name not in used]:
             del weights[name]
-        # The loaded weights are views of the file's memory map, whose touched pages count as resident
-        # for as long as any view lives: own the few left unpacked (embedding, norms) so it closes.
-        for name in weights:
-            if not name.endswith(PACKED_SUFFIX):
-                weights[name] = weights[name].clone()
 
 
-def _is_stored(weight: object, weights: dict[str, torch.Tensor], dtypes: set[torch.dtype]) -> bool:
-    return isinstance(weight, fx.Node) and weight.op == "get_attr" and weights[weight.target].dtype in dtypes
+def _weight_uses(graphs: dict[str, fx.Graph]) -> tuple[set[str], set[str], set[str]]:
+    """Stored weights read as a linear layer's weight, as an embedding's table, and by anything else."""
+    as_linear: set[str] = set()
+    as_gather: set[str] = set()
+    as_other: set[str] = set()
+    for graph in graphs.values():
+        for node in graph.nodes:
+            for user in node.users if node.op == "get_attr" else ():
+                if user.op == "call_function" and user.target in LINEAR and user.args[1] is node:
+                    as_linear.add(node.target)
+                elif user.op == "call_function" and user.target in EMBEDDING and user.args[0] is node:
+                    as_gather.add(node.target)
+                else:
+                    as_other.add(node.target)
+    return as_linear, as_gather, as_other
+
+
+def _is_stored(weight: object) -> bool:
+    return isinstance(weight, fx.Node) and weight.op == "get_attr"
+
+
+def _packed(weight: fx.Node) -> str:
+    return weight.target + PACKED_SUFFIX
+
+
+def _only_packed(weight: fx.Node, weights: dict[str, torch.Tensor]) -> bool:
+    return _packed(weight) in weights and weight.target not in weights
 
 
 def _is_token_list(indices: object) -> bool:
@@ -89,18 +135,28 @@ def _is_token_list(indices: object) -> bool:
     return isinstance(meta, dict) and len(meta.get("shape") or ()) == 1
 
 
-def _use_packed_linear(graph: fx.Graph, node: fx.Node, weights: dict[str, torch.Tensor]) -> None:
+def _use_packed_linear(graph: fx.Graph, node: fx.Node) -> None:
     native = native_kernels()
     weight = node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    packed = weight.target + PACKED_SUFFIX
-    if packed not in weights:
-        weights[packed] = native.pack_linear_weight(weights[weight.target])
     with graph.inserting_before(node):
-        packed_node = graph.get_attr(packed)
+        packed_node = graph.get_attr(_packed(weight))
     if "out" in node.kwargs:
         node.target, node.args = native.packed_linear_out, (node.args[0], packed_node, bias, node.kwargs["out"])
     else:
-        out_features = weights[weight.target].shape[0]
+        out_features = weight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain may be gone
         node.target, node.args = native.packed_linear, (node.args[0], packed_node, bias, out_features)
+    node.kwargs = {}
+
+
+def _use_packed_embedding(graph: fx.Graph, node: fx.Node) -> None:
+    native = native_kernels()
+    weight, indices = node.args[0], node.args[1]
+    rows, k_size = weight.meta["xllm_meta"]["shape"]  # as the artifact records it: only the packed form is here
+    with graph.inserting_before(node):
+        packed_node = graph.get_attr(_packed(weight))
+    if "out" in node.kwargs:
+        node.target, node.args = native.packed_embedding_out, (packed_node, indices, rows, node.kwargs["out"])
+    else:
+        node.target, node.args = native.packed_embedding, (packed_node, indices, rows, k_size)
     node.kwargs = {}

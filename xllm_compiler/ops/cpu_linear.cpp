@@ -1,5 +1,7 @@
 // Linear layers on CPU over weights packed once at load: the kernel behind every linear layer of a
 // lowered graph (runtime/platform/cpu.py), written straight into the caller's output (the planned arena).
+// The packing itself runs as each weight is read (runtime/weights.py), and a tied embedding gathers its
+// rows from the packed lm_head (packed_embedding), so a load keeps one copy of each weight.
 //
 // Why our own: at decode a linear layer reads its whole weight to produce a few rows, so its speed is
 // the speed at which it streams the weight. The packed layout makes that stream one sequential run
@@ -13,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -138,14 +141,91 @@ std::vector<std::string> packed_linear_dtypes() {
   return names;
 }
 
+namespace {
+
+// The packed layout is, block by block, a transpose of 32-bit units (a float32, or a pair of bfloat16 along
+// K): [64, steps] -> [steps, 64]. Done in 32 x 32 tiles, so that neither side strides through memory a row
+// at a time, and blocks in parallel: a load packs every linear weight of the model, and the permuted copy of
+// ATen this replaces ran at a fifth of this speed (and held a zero-padded temporary of every weight).
+void transpose_blocks(const uint32_t* weight, int64_t blocks, int64_t steps, uint32_t* packed) {
+  constexpr int64_t kTile = 32;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint32_t* src = weight + b * kBlock * steps;
+      uint32_t* dst = packed + b * kBlock * steps;
+      for (int64_t s0 = 0; s0 < steps; s0 += kTile) {
+        const int64_t s1 = std::min(steps, s0 + kTile);
+        for (int64_t j0 = 0; j0 < kBlock; j0 += kTile)
+          for (int64_t s = s0; s < s1; ++s)
+            for (int64_t j = j0; j < j0 + kTile; ++j) dst[s * kBlock + j] = src[j * steps + s];
+      }
+    }
+  });
+}
+
+}  // namespace
+
 // [N, K] -> the packed layout above, zero-padded to whole blocks (and to an even K in bfloat16).
 torch::Tensor pack_linear_weight(torch::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && packs(weight.scalar_type()), "pack_linear_weight: a 2-d weight of a packed dtype");
   const int64_t outputs = weight.size(0), k_size = weight.size(1), blocks = (outputs + kBlock - 1) / kBlock;
   const int64_t pair = weight.scalar_type() == at::kBFloat16 ? 2 : 1, steps = (k_size + pair - 1) / pair;
-  auto padded = at::zeros({blocks * kBlock, steps * pair}, weight.options());
-  padded.narrow(0, 0, outputs).narrow(1, 0, k_size).copy_(weight);
-  return padded.view({blocks, kBlock, steps, pair}).permute({0, 2, 1, 3}).contiguous();
+  auto source = weight.contiguous();
+  if (blocks * kBlock != outputs || steps * pair != k_size) {  // rare shapes: pad, then pack as any other
+    source = at::zeros({blocks * kBlock, steps * pair}, weight.options());
+    source.narrow(0, 0, outputs).narrow(1, 0, k_size).copy_(weight);
+  }
+  auto packed = at::empty({blocks, steps, kBlock, pair}, weight.options());
+  transpose_blocks(static_cast<const uint32_t*>(source.data_ptr()), blocks, steps,
+                   static_cast<uint32_t*>(packed.data_ptr()));
+  return packed;
+}
+
+namespace {
+
+// out[t, k] = weight[ids[t], k], read from the packed layout: row n is lane n % 64 of block n / 64, one
+// 32-bit unit (a float32, or a pair of bfloat16) per K step. A strided read (one cache line per step and
+// row), but a step gathers a few rows: a tied embedding then needs no plain copy of its table.
+template <typename Bits>
+void gather_rows(const Bits* packed, int64_t steps, int64_t pair, const int64_t* ids, int64_t tokens,
+                 int64_t k_size, Bits* out) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Bits* row = packed + ((ids[t] / kBlock) * steps * kBlock + ids[t] % kBlock) * pair;
+      for (int64_t k = 0; k < k_size; ++k) out[t * k_size + k] = row[(k / pair) * kBlock * pair + k % pair];
+    }
+  });
+}
+
+}  // namespace
+
+// aten.embedding.out's contract on a packed weight of ``rows`` rows: out [..., K] = weight[indices].
+torch::Tensor packed_embedding_out(torch::Tensor packed, torch::Tensor indices, int64_t rows, torch::Tensor out) {
+  const auto dtype = packed.scalar_type();
+  const int64_t pair = dtype == at::kBFloat16 ? 2 : 1, k_size = out.size(-1);
+  TORCH_CHECK(packs(dtype) && out.scalar_type() == dtype && packed.dim() == 4, "packed_embedding: dtypes");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == indices.numel() * k_size,
+              "packed_embedding: out must be [tokens, K]");
+  TORCH_CHECK(packed.size(0) * kBlock >= rows && packed.size(1) * pair >= k_size, "packed_embedding: weight shape");
+  const auto ids = indices.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < ids.numel(); ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < rows, "packed_embedding: index out of range");
+  }
+  if (pair == 1 || k_size % 2 == 0) {  // whole 32-bit units: a float32, or a pair of bfloat16
+    gather_rows(static_cast<const uint32_t*>(packed.data_ptr()), packed.size(1), 1, id, ids.numel(), k_size / pair,
+                static_cast<uint32_t*>(out.data_ptr()));
+  } else {
+    gather_rows(static_cast<const uint16_t*>(packed.data_ptr()), packed.size(1), pair, id, ids.numel(), k_size,
+                static_cast<uint16_t*>(out.data_ptr()));
+  }
+  return out;
+}
+
+torch::Tensor packed_embedding(torch::Tensor packed, torch::Tensor indices, int64_t rows, int64_t k_size) {
+  auto sizes = indices.sizes().vec();
+  sizes.push_back(k_size);
+  return packed_embedding_out(packed, indices, rows, at::empty(sizes, packed.options()));
 }
 
 // aten.linear.out's contract on a packed weight: out [..., N] = input [..., K] @ weight.T + bias.
@@ -182,6 +262,10 @@ void register_linear(pybind11::module& m) {
   m.def("packed_linear_dtypes", &packed_linear_dtypes);
   m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"));
   m.def("packed_linear_out", &packed_linear_out, py::arg("input"), py::arg("packed"), py::arg("bias"), py::arg("out"));
+  m.def("packed_embedding_out", &packed_embedding_out, py::arg("packed"), py::arg("indices"), py::arg("rows"),
+        py::arg("out"));
+  m.def("packed_embedding", &packed_embedding, py::arg("packed"), py::arg("indices"), py::arg("rows"),
+        py::arg("k_size"));
   m.def("packed_linear", &packed_linear, py::arg("input"), py::arg("packed"), py::arg("bias"),
         py::arg("out_features"));
 }
