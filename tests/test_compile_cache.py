@@ -1,6 +1,8 @@
 """The compile cache: a second identical compile reuses the first; anything the artifact depends on (options,
-checkpoint bytes, pass versions, torch version) changes the key; a damaged entry is never used, but rebuilt;
-and the cache can be turned off (cache_dir="", --no-cache) or bypassed (verify, debug_dump).
+checkpoint bytes, pass versions, torch version) changes the key; artifacts never share files with it; a damaged
+entry is never used, but rebuilt and reported; it stays within its size limit by evicting the least recently used
+entries; two compiles of one key build once; ``xllm-cache`` lists and clears it; and it can be turned off
+(cache_dir="", --no-cache) or bypassed (verify, debug_dump).
 
 Every test uses a cache folder of its own (``cache_dir=tmp_path / "cache"``) and a tiny one-layer checkpoint.
 """
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import types
 from pathlib import Path
 
@@ -21,11 +24,13 @@ from safetensors.torch import load_file, save_file
 import xllm_compiler
 import xllm_compiler.compiler as compiler
 from tests.hf_oracle import make_hf_model
-from xllm_compiler.artifact.manifest import read_manifest
-from xllm_compiler.cache import ENTRY_INDEX, STAT_INDEX
+from xllm_compiler.cache import ENTRY_INDEX, MAX_SIZE_ENV, STAT_INDEX, CompileCache
+from xllm_compiler.cache_cli import main as cache_main
 from xllm_compiler.cli import main as compile_main
-from xllm_compiler.errors import ArtifactError
+from xllm_compiler.errors import ArtifactError, OptionsError
+from xllm_compiler.options import make_options
 from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
+from xllm_compiler.sizes import parse_size
 
 OPTIONS = dict(decode_buckets=[1], prefill_buckets=[8], max_seq_len=32)
 PROMPTS = [[1, 2, 3, 4, 5], [7]]
@@ -41,6 +46,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _default_size_limit(monkeypatch):
+    monkeypatch.delenv(MAX_SIZE_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,10 @@ def assert_hit(report: dict) -> None:
 def assert_miss(report: dict) -> None:
     assert report["cache"]["hit"] is False
     assert stage_names(report) >= MISS_STAGES, report["stages"]
+
+
+def manifest_json(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
 
 
 def logits(artifact: Path) -> torch.Tensor:
@@ -129,7 +143,7 @@ def test_second_identical_compile_is_a_hit_with_the_same_artifact(base_checkpoin
     assert_entry_intact(entries(cache)[0], key)
 
     for name, report in (("a", first), ("b", second)):
-        manifest = read_manifest(tmp_path / name)
+        manifest = manifest_json(tmp_path / name)
         assert manifest["cache_key"] == report["cache"]["key"]
         assert json.loads((tmp_path / name / "report.json").read_text()) == report
     # The reused report describes the cached compile (model, graph, passes, buckets), not an empty one.
@@ -156,27 +170,30 @@ def test_a_copy_of_the_checkpoint_elsewhere_hits_and_records_its_own_path(base_c
     compile_(base_checkpoint, tmp_path / "a", cache)
     report = compile_(checkpoint, tmp_path / "b", cache)
     assert_hit(report)
-    assert read_manifest(tmp_path / "b")["source"]["path"] == str(checkpoint.absolute())
+    assert manifest_json(tmp_path / "b")["source"]["path"] == str(checkpoint.absolute())
 
 
-def test_artifacts_from_one_entry_share_files_and_damage_is_caught(base_checkpoint, cache, tmp_path):
-    """Hits hard-link the entry (like uv's cache): no second copy of the weights. The price, documented
-    in xllm_compiler/cache.py: an artifact edited in place damages its siblings and the entry. Both are
-    caught by hash: load() refuses the sibling, and the next compile misses and rebuilds the entry."""
+def test_artifacts_never_share_files_with_the_cache(base_checkpoint, cache, tmp_path):
+    """Store and restore copy (a reflink where the file system can): an artifact edited in place changes
+    neither the entry nor the artifacts restored from it."""
     compile_(base_checkpoint, tmp_path / "a", cache)
     assert_hit(compile_(base_checkpoint, tmp_path / "b", cache))
     reference = logits(tmp_path / "b")
+    folders = [tmp_path / "a", tmp_path / "b", entries(cache)[0]]
+    files = [p for folder in folders for p in folder.rglob("*") if p.is_file()]
+    assert all(p.stat().st_nlink == 1 for p in files)
+    assert len({p.stat().st_ino for p in files}) == len(files)
+
     weights = tmp_path / "a" / WEIGHTS
-    assert weights.stat().st_ino == (tmp_path / "b" / WEIGHTS).stat().st_ino
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
-    with open(weights, "r+b") as f:  # damage artifact a in place (same inode)
+    with open(weights, "r+b") as f:  # damage artifact a in place
         f.write(bytes(data))
     with pytest.raises(ArtifactError, match=WEIGHTS):
-        xllm_compiler.load(tmp_path / "b")
-    rebuilt = compile_(base_checkpoint, tmp_path / "c", cache)
-    assert_miss(rebuilt)
-    assert torch.equal(logits(tmp_path / "c"), reference)
+        xllm_compiler.load(tmp_path / "a")
+    assert torch.equal(logits(tmp_path / "b"), reference)
+    assert_entry_intact(entries(cache)[0], entries(cache)[0].name)
+    assert_hit(compile_(base_checkpoint, tmp_path / "c", cache))
 
 
 # -- misses ----------------------------------------------------------------------------------------------------
@@ -200,7 +217,7 @@ def test_a_changed_option_misses(base_checkpoint, cache, tmp_path, change):
     changed = compile_(base_checkpoint, tmp_path / "b", cache, **change)
     assert_miss(changed)
     assert changed["cache"]["key"] != first["cache"]["key"]
-    assert read_manifest(tmp_path / "b")["cache_key"] == changed["cache"]["key"]
+    assert manifest_json(tmp_path / "b")["cache_key"] == changed["cache"]["key"]
     assert len(entries(cache)) == 2
     # ... and the changed compile is itself cached.
     assert_hit(compile_(base_checkpoint, tmp_path / "c", cache, **change))
@@ -369,38 +386,172 @@ def damage(entry: Path, how: str) -> None:
         raise AssertionError(how)
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "weights byte",
-        "graph byte",
-        "deleted graph",
-        "deleted weights",
-        "truncated weights",
-        "extra file",
-        "bad index",
-        "deleted index",
-        "index of another key",
-    ],
-)
-def test_a_damaged_entry_is_detected_and_rebuilt(base_checkpoint, cache, tmp_path, how):
+DAMAGE = {
+    "weights byte": f"{WEIGHTS}: sha256 mismatch",
+    "graph byte": "graphs/decode_1.json: sha256 mismatch",
+    "deleted graph": "graphs/prefill_8.json is missing",
+    "deleted weights": f"{WEIGHTS} is missing",
+    "truncated weights": f"{WEIGHTS} has 100 bytes",
+    "extra file": "graphs/extra.json is not listed in entry.json",
+    "bad index": "entry.json is unreadable",
+    "deleted index": "entry.json is missing",
+    "index of another key": "entry.json names another key",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_entry_is_detected_reported_and_rebuilt(base_checkpoint, cache, tmp_path, how):
+    """The artifacts made before the damage (the one that filled the entry, and one restored from it) still
+    load; the next compile says what was wrong with the entry and rebuilds it."""
     first = compile_(base_checkpoint, tmp_path / "a", cache)
     key = first["cache"]["key"]
-    reference = logits(tmp_path / "a")  # before the damage: the entry may share its files with artifact a
+    assert "damaged" not in first["cache"]
+    assert_hit(compile_(base_checkpoint, tmp_path / "b", cache))
+    reference = logits(tmp_path / "a")
     (entry,) = entries(cache)
     damage(entry, how)
+    for earlier in ("a", "b"):
+        assert torch.equal(logits(tmp_path / earlier), reference), earlier
 
-    rebuilt = compile_(base_checkpoint, tmp_path / "b", cache)
+    rebuilt = compile_(base_checkpoint, tmp_path / "c", cache)
     assert_miss(rebuilt)
+    assert DAMAGE[how] in rebuilt["cache"]["damaged"]
     assert rebuilt["cache"]["key"] == key
-    assert torch.equal(logits(tmp_path / "b"), reference)
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["cache"] == rebuilt["cache"]
+    assert torch.equal(logits(tmp_path / "c"), reference)
     assert [e.name for e in entries(cache)] == [key]
     assert_entry_intact(entries(cache)[0], key)
     assert "extra.json" not in {p.name for p in entries(cache)[0].rglob("*")}
 
-    again = compile_(base_checkpoint, tmp_path / "c", cache)
+    again = compile_(base_checkpoint, tmp_path / "d", cache)
     assert_hit(again)
-    assert torch.equal(logits(tmp_path / "c"), reference)
+    assert "damaged" not in again["cache"]
+    assert torch.equal(logits(tmp_path / "d"), reference)
+
+
+# -- size limit and eviction ------------------------------------------------------------------------------------
+
+
+def sizes(cache: Path) -> dict[str, int]:
+    """Entry sizes by key, most recently used first."""
+    return {e.key: e.bytes for e in CompileCache(cache).entries()}
+
+
+def test_the_cache_evicts_least_recently_used_entries_down_to_its_limit(base_checkpoint, cache, tmp_path, monkeypatch):
+    """A hit counts as a use: the entry stored first but hit since survives; the one stored later and never
+    used again is evicted. Artifacts made from an evicted entry are untouched."""
+    first = compile_(base_checkpoint, tmp_path / "first", cache, block_size=8)["cache"]["key"]
+    second = compile_(base_checkpoint, tmp_path / "second", cache)["cache"]["key"]
+    assert list(sizes(cache)) == [second, first]
+    assert_hit(compile_(base_checkpoint, tmp_path / "first-again", cache, block_size=8))
+    assert list(sizes(cache)) == [first, second]
+
+    largest = max(sizes(cache).values())
+    limit = int(2.5 * largest)  # room for two entries, not three
+    assert 3 * min(sizes(cache).values()) > limit
+    monkeypatch.setenv(MAX_SIZE_ENV, str(limit))
+    third = compile_(base_checkpoint, tmp_path / "third", cache, block_size=32)["cache"]["key"]
+    assert list(sizes(cache)) == [third, first]
+    assert sum(sizes(cache).values()) <= limit
+    assert_entry_intact(cache / "entries" / first, first)
+    assert torch.equal(logits(tmp_path / "second"), logits(tmp_path / "first"))
+
+    # xllm-cache prune trims to a limit given on its command line, oldest first.
+    code = cache_main(["--cache-dir", str(cache), "--max-size", str(sizes(cache)[third]), "prune"])
+    assert code == 0
+    assert list(sizes(cache)) == [third]
+
+
+def test_an_artifact_larger_than_the_whole_limit_is_not_cached(base_checkpoint, cache, tmp_path, monkeypatch):
+    compile_(base_checkpoint, tmp_path / "a", cache)
+    monkeypatch.setenv(MAX_SIZE_ENV, "1K")
+    with pytest.warns(UserWarning, match="alone exceed the compile cache's limit of 1.0 KiB"):
+        report = compile_(base_checkpoint, tmp_path / "b", cache, block_size=8)
+    assert_miss(report)
+    assert entries(cache) == []  # nor does the cache keep more than its (now smaller) limit
+    assert torch.equal(logits(tmp_path / "a"), logits(tmp_path / "b"))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("10G", 10 * 2**30), ("500M", 500 * 2**20), ("1.5GiB", 3 * 2**29), ("64kb", 64 * 2**10), ("12345", 12345)],
+)
+def test_sizes_parse_in_powers_of_1024(text, size):
+    assert parse_size(text, MAX_SIZE_ENV) == size
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "-1G", "10X", "1e9", "G"])
+def test_a_bad_size_is_a_one_line_error_naming_the_variable(text):
+    with pytest.raises(OptionsError, match=f"^{MAX_SIZE_ENV}=") as error:
+        parse_size(text, MAX_SIZE_ENV)
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_size_limit_in_the_environment_fails_a_compile_with_one_line(
+    base_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(MAX_SIZE_ENV, "lots")
+    code = compile_main([str(base_checkpoint), str(tmp_path / "a"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{MAX_SIZE_ENV}='lots' is not a size" in err, err
+    assert not (tmp_path / "a").exists()
+
+
+# -- one build per key -------------------------------------------------------------------------------------------
+
+
+class _HoldTheLock:
+    """A stage listener: the compile that got the key's lock does not start building until the other compile
+    is waiting for that lock, so that the two surely overlap (no sleeps, no timing)."""
+
+    def __init__(self, other_waiting: threading.Event):
+        self.other_waiting = other_waiting
+
+    def stage_started(self, name: str, description: str) -> None:
+        if name == "lock":
+            self.other_waiting.set()
+        elif name == "weights":
+            assert self.other_waiting.wait(timeout=60), "the second compile never waited for the lock"
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        pass
+
+
+def test_two_concurrent_compiles_of_one_key_build_once(base_checkpoint, cache, tmp_path):
+    waiting = threading.Event()
+    reports: dict[str, dict] = {}
+    failures: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            options = make_options(cache_dir=str(cache), **OPTIONS)
+            reports[name] = compiler.compile_model(base_checkpoint, tmp_path / name, options, _HoldTheLock(waiting))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    built, hit = sorted(reports.values(), key=lambda report: report["cache"]["hit"])
+    assert_miss(built)
+    assert_hit(hit)
+    assert "lock" in stage_names(hit)
+    assert [e.name for e in entries(cache)] == [built["cache"]["key"]]
+    assert torch.equal(logits(tmp_path / "a"), logits(tmp_path / "b"))
+
+
+def test_the_lock_is_a_file_under_locks_and_is_free_again_after_the_body(tmp_path):
+    """(A disabled cache takes none: test_empty_cache_dir_never_reads_or_writes_the_cache.)"""
+    cache = CompileCache(tmp_path / "cache")
+    key = "1" * 64
+    with cache.locked(key):
+        assert cache.lock_path(key) == tmp_path / "cache" / "locks" / f"{key}.lock"
+    with cache.locked(key, waiting=lambda lock: pytest.fail(f"{lock} is still held")):
+        pass
 
 
 # -- the command line ------------------------------------------------------------------------------------------
@@ -421,6 +572,13 @@ def test_cli_cache_dir(base_checkpoint, cache, tmp_path, capsys):
     assert [e.name for e in entries(cache)] == [cli_report(tmp_path / "a")["cache"]["key"]]
     out = " ".join(capsys.readouterr().out.split())
     assert "from the compile cache" in out
+    assert "damaged" not in out
+
+    flip_byte(entries(cache)[0] / WEIGHTS)
+    code = compile_main([str(base_checkpoint), str(tmp_path / "c"), "--cache-dir", str(cache), *CLI_OPTIONS])
+    assert code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"entry was damaged ({WEIGHTS}: sha256 mismatch): discarded and rebuilt" in out
 
 
 def test_cli_no_cache(base_checkpoint, tmp_path, monkeypatch):
@@ -438,3 +596,67 @@ def test_cli_no_cache(base_checkpoint, tmp_path, monkeypatch):
         assert compile_main([str(base_checkpoint), str(tmp_path / name), "--quiet", *CLI_OPTIONS]) == 0
     assert_hit(cli_report(tmp_path / "e"))
     assert len(entries(default)) == 1
+
+
+# -- xllm-cache ------------------------------------------------------------------------------------------------
+
+
+def test_xllm_cache_info_and_clear(base_checkpoint, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    keep = compile_(base_checkpoint, tmp_path / "a", cache)["cache"]["key"]
+    drop = compile_(base_checkpoint, tmp_path / "b", cache, block_size=8)["cache"]["key"]
+    capsys.readouterr()
+
+    assert cache_main(["--cache-dir", str(cache), "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"compile cache {cache}" in out
+    assert "2 entries" in out and "of a 20.0 GiB limit" in out
+    for key in (keep, drop):
+        (row,) = [line for line in out.splitlines() if key[:12] in line]
+        assert (
+            str(base_checkpoint.absolute()) in row and "LlamaForCausalLM" in row and "float32" in row and "KiB" in row
+        )
+
+    assert cache_main(["--cache-dir", str(cache), "clear", "--key", drop[:6]]) == 0
+    assert "removed 1 entry" in capsys.readouterr().out
+    assert [e.name for e in entries(cache)] == [keep]
+    assert cache_main(["--cache-dir", str(cache), "clear", "--key", "xyz"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no entry of the compile cache" in err and "'xyz'" in err
+
+    partial = cache / "entries" / f".{keep[:12]}-killed"  # the staging folder of a compile killed mid-store
+    partial.mkdir()
+    (partial / WEIGHTS).write_bytes(b"half")
+    assert cache_main(["--cache-dir", str(cache), "clear"]) == 0
+    assert entries(cache) == [] and not (cache / STAT_INDEX).exists()
+    assert not any((cache / "entries").iterdir())
+    assert torch.equal(logits(tmp_path / "a"), logits(tmp_path / "b"))  # artifacts do not depend on the cache
+    assert cache_main(["--cache-dir", str(cache), "info"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+
+
+def test_xllm_cache_uses_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XLLM_CACHE_DIR", str(tmp_path / "from-env"))
+    monkeypatch.setenv(MAX_SIZE_ENV, "500M")
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cache_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"compile cache {tmp_path / 'from-env'}" in out and "of a 500.0 MiB limit" in out
+    assert not (tmp_path / "from-env").exists()  # looking creates nothing
+    assert cache_main(["--max-size", "big", "info"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    monkeypatch.delenv("XLLM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_main(["info"]) == 0
+    assert f"compile cache {tmp_path / 'xdg' / 'xllm_compiler'}" in capsys.readouterr().out
+
+
+def test_cache_max_size_is_a_compile_option(checkpoint, cache, tmp_path, capsys):
+    sizes = ["--decode-buckets", "1", "--prefill-buckets", "8", "--max-seq-len", "32"]
+    args = [str(checkpoint), str(tmp_path / "out"), "--cache-dir", str(cache), "--quiet", *sizes]
+    with pytest.warns(UserWarning, match="not caching"):
+        assert compile_main([*args, "--cache-max-size", "1K"]) == 0  # the artifact alone exceeds the limit
+    assert not any((cache / "entries").glob("[0-9a-f]*"))
+    assert compile_main([*args, "--force", "--cache-max-size", "lots"]) == 2
+    assert "--cache-max-size='lots' is not a size" in capsys.readouterr().err
