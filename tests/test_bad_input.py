@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import xllm_compiler
+from tests.cli_calls import assert_one_line, call
 from tests.hf_oracle import TINY
 from xllm_compiler import cli, run
 from xllm_compiler.errors import (
@@ -48,29 +49,6 @@ WEIGHTS = "model.safetensors"
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def call(main: Callable, argv: list, capsys) -> tuple[int, str, str]:
-    """Run a CLI entry point in-process; (exit code, stdout, stderr). argparse errors raise SystemExit."""
-    capsys.readouterr()  # drop what fixtures printed (transformers' save progress bars)
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line(err: str, prog: str, *fragments) -> str:
-    """stderr is exactly one line, starting with ``prog``, holding every fragment, and no traceback."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith(f"{prog}: "), line
-    for fragment in fragments:
-        assert str(fragment) in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def assert_message(exc: BaseException, *fragments) -> None:
@@ -836,3 +814,24 @@ def test_xllm_run_success_exits_zero(artifact, capsys):
     (line,) = stdout.splitlines()
     ids = [int(t) for t in line.split(",")]
     assert len(ids) == 3 and all(0 <= t < VOCAB for t in ids)
+
+
+# -- compile: a pass that fails -------------------------------------------------------------------
+
+
+def test_a_failing_pass_exits_1_with_one_line_naming_it(llama_dir, tmp_path, capsys, monkeypatch):
+    """A bug in a pass is ours (exit 1), and the one line says which pass, at which version, raised what."""
+    from xllm_compiler.passes import PassResult, graph_pass, manager
+
+    @graph_pass("look_up_scales", version=3)
+    def look_up_scales(gm):
+        return PassResult(changed=bool({}["weight.x"]))
+
+    pipeline = manager.default_pipeline
+    monkeypatch.setattr(manager, "default_pipeline", lambda: [*pipeline(), look_up_scales])
+    out = tmp_path / "out"
+    rc, stdout, err = call(cli.main, [llama_dir, out, "--quiet", "--no-cache", *SMALL_ARGS], capsys)
+    assert rc == 1
+    assert stdout == ""
+    assert_one_line(err, "xllm-compile", "internal error: pass look_up_scales v3 failed", "KeyError: 'weight.x'")
+    assert_nothing_left(out)

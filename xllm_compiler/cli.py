@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from xllm_compiler.console import EXIT_OK, OneLineParser, RichStageListener, guarded
-from xllm_compiler.options import DEFAULT_MICRO_BATCH_MIN_TOKENS, DEVICE_CHOICES, DTYPE_CHOICES
+from xllm_compiler.console import EXIT_OK, OneLineParser, RichStageListener, guarded, version_string
+from xllm_compiler.options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DECODE_BUCKETS,
+    DEFAULT_MICRO_BATCH_MIN_TOKENS,
+    DEFAULT_PREFILL_BUCKETS,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    MAX_SEQ_LEN_CAP,
+)
+from xllm_compiler.sizes import format_bytes, parse_size
+
+
+def _sizes(values: Iterable[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def _pass_names() -> str:
+    """Every pass a --passes or --disable-pass may name, in pipeline order (graph passes, then bucket passes)."""
+    from xllm_compiler.passes import bucket_pipeline, default_pipeline
+
+    return ", ".join(p.name for p in [*default_pipeline(), *bucket_pipeline()])
 
 
 def build_parser() -> OneLineParser:
@@ -19,13 +42,38 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("model_dir", help="checkpoint folder: config.json, *.safetensors, optional tokenizer.json")
     parser.add_argument("out_dir", help="artifact folder to create (refused if it exists and is not empty)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights/activations dtype")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="target device")
-    parser.add_argument("--decode-buckets", metavar="B,B,...", help="decode batch sizes (default 1,2,4,8)")
-    parser.add_argument("--prefill-buckets", metavar="T,T,...", help="prefill token counts (default 32,64,128,256,512)")
-    parser.add_argument("--max-seq-len", type=int, metavar="N", help="longest prompt + generation")
-    parser.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV-cache block")
-    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree (run with torchrun)")
+    parser.add_argument("--version", action="version", version=version_string("xllm-compile"))
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights/activations dtype; auto keeps the checkpoint's, float32 if it names none (default %(default)s)",
+    )
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="target device (default %(default)s)")
+    parser.add_argument(
+        "--decode-buckets", metavar="B,B,...", help=f"decode batch sizes (default {_sizes(DEFAULT_DECODE_BUCKETS)})"
+    )
+    parser.add_argument(
+        "--prefill-buckets",
+        metavar="T,T,...",
+        help=f"prefill token counts (default {_sizes(DEFAULT_PREFILL_BUCKETS)}, those above --max-seq-len dropped)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="N",
+        help=f"longest prompt + generation (default: the model's max_position_embeddings, capped at {MAX_SEQ_LEN_CAP})",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="N",
+        help="tokens per KV-cache block (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N", help="tensor-parallel degree, run with torchrun (default %(default)s)"
+    )
     parser.add_argument(
         "--micro-batch-min-tokens",
         type=int,
@@ -33,12 +81,31 @@ def build_parser() -> OneLineParser:
         metavar="N",
         help="--tp: steps of at least N tokens run as two overlapped micro-batches (default %(default)s)",
     )
-    parser.add_argument("--passes", metavar="P,P,...|none", help="run only these passes (pipeline order)")
-    parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
+    parser.add_argument(
+        "--passes",
+        metavar="P,P,...|none",
+        help=f"run only these passes, in pipeline order (default: all): {_pass_names()}",
+    )
+    parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass (repeatable)")
     parser.add_argument("--verify", action="store_true", help="check every pass's numerics on sample inputs")
     parser.add_argument("--buckets-from", metavar="TRACE.jsonl", help="choose buckets that fit this trace of steps")
-    parser.add_argument("--num-buckets", type=int, metavar="K", help="with --buckets-from: buckets per phase")
-    parser.add_argument("--cache-dir", metavar="DIR", help="compile cache (default ~/.cache/xllm_compiler)")
+    parser.add_argument(
+        "--num-buckets",
+        type=int,
+        metavar="K",
+        help="with --buckets-from: buckets per phase (default: as many as the default series)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="compile cache (default $XLLM_CACHE_DIR, else $XDG_CACHE_HOME/xllm_compiler, else ~/.cache/xllm_compiler)",
+    )
+    parser.add_argument(
+        "--cache-max-size",
+        metavar="SIZE",
+        help="compile cache size limit, e.g. 10G; least recently used entries go first "
+        "(default $XLLM_CACHE_MAX_SIZE, else 20G)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor fill the compile cache")
     parser.add_argument("--debug-dump", metavar="DIR", help="write the graph before and after every pass to DIR")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
@@ -47,12 +114,24 @@ def build_parser() -> OneLineParser:
     return parser
 
 
-def summary_table(report: dict) -> Table:
+# -- the summary ----------------------------------------------------------------------------------
+
+
+#: How a summary value that needs the user's attention begins (it is shown in yellow).
+WARNING = "warning: "
+
+
+def artifact_bytes(out_dir: Path) -> int:
+    """The artifact's size: every file under ``out_dir``."""
+    return sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
+
+
+def pass_table(report: dict[str, Any]) -> Table:
+    """Time per stage, and per pass its node counts and matches."""
     table = Table(title="xllm-compile", show_header=True, header_style="bold")
-    table.add_column("stage / pass")
-    table.add_column("seconds", justify="right")
-    table.add_column("nodes", justify="right")
-    table.add_column("matches", justify="right")
+    table.add_column("stage / pass", overflow="fold")
+    for name in ("seconds", "nodes", "matches"):
+        table.add_column(name, justify="right", no_wrap=True)
     for stage in report["stages"]:
         table.add_row(stage["name"], f"{stage['seconds']:.3f}", "", "")
         if stage["name"] == "passes":
@@ -63,23 +142,76 @@ def summary_table(report: dict) -> Table:
                     f"{p['nodes_before']} -> {p['nodes_after']}",
                     str(p["matches"]),
                 )
-    graph = report["graph"]
-    buckets = sum(len(phase["buckets"]) for phase in report["buckets"].values())
-    cached = " (from the compile cache)" if report["cache"]["hit"] else ""
-    table.caption = (
-        f"{report['model']['architecture']}, {report['model']['parameters']:,} parameters, "
-        f"{report['model']['dtype']}; nodes {graph['nodes_captured']} -> {graph['nodes_after_passes']}; "
-        f"{buckets} buckets; {report['total_seconds']:.2f} s{cached}"
-    )
-    for phase, entry in report["buckets"].items():
-        if "trace" in entry:
-            trace = entry["trace"]
-            table.caption += (
-                f"\n{phase} buckets {[b['num_tokens'] for b in entry['buckets']]}: expected padding "
-                f"{trace['padding_fraction']:.1%} of the trace's tokens (default series {trace['default_series']}: "
-                f"{trace['default_padding_fraction']:.1%})"
-            )
     return table
+
+
+def summary_rows(report: dict[str, Any], out_dir: Path) -> list[tuple[str, Text]]:
+    """(what, value) lines under the pass table: the model, buckets, lengths, sizes and any warning
+    (in yellow). Values are Text, never markup: paths and messages may hold brackets."""
+    model, graph = report["model"], report["graph"]
+    tp = f", tensor-parallel {model['tensor_parallel']}" if model.get("tensor_parallel", 1) > 1 else ""
+    rows = [
+        ("model", f"{model['architecture']}, {model['parameters']:,} parameters, {model['dtype']}{tp}"),
+        ("graph", f"{graph['nodes_captured']} -> {graph['nodes_after_passes']} nodes"),
+    ]
+    for phase, entry in report["buckets"].items():
+        value = _sizes(b["num_tokens"] for b in entry["buckets"])
+        if trace := entry.get("trace"):
+            value += (
+                f" (expected padding {trace['padding_fraction']:.1%} of the trace's tokens; default series "
+                f"{_sizes(trace['default_series'])}: {trace['default_padding_fraction']:.1%})"
+            )
+        rows.append((f"{phase} buckets", value))
+    if limits := report.get("limits"):
+        rows.append(("max_seq_len", _max_seq_len_text(limits)))
+    rows.append(("artifact", f"{format_bytes(artifact_bytes(out_dir))} on disk"))
+    if memory := report.get("load_memory"):
+        rows.append(("load memory", _load_memory_text(memory)))
+    cached = " (from the compile cache)" if report["cache"]["hit"] else ""
+    rows.append(("time", f"{report['total_seconds']:.2f} s{cached}"))
+    if damaged := report["cache"].get("damaged"):
+        rows.append(("cache", f"{WARNING}the cached entry was damaged ({damaged}): discarded and rebuilt"))
+    if tokenizer := report.get("tokenizer"):
+        rows.append(("tokenizer", _tokenizer_text(tokenizer)))
+    rows.extend(("warning", f"{WARNING}{warning}") for warning in report.get("warnings", []))
+    return [(what, Text(value, style="yellow" if value.startswith(WARNING) else "")) for what, value in rows]
+
+
+def _load_memory_text(memory: dict[str, Any]) -> str:
+    """What a load of the artifact takes here (report.json's load_memory, sized as load() sizes it)."""
+    fixed = f"weights {format_bytes(memory['weight_bytes'])} + arena {format_bytes(memory['arena_bytes'])}"
+    if not memory["fits_this_machine"]:
+        return f"{fixed}; no room for a KV pool on this machine (see the warning)"
+    blocks = f"{memory['kv_blocks']} blocks, sized by {memory['kv_pool_sized_by']}"
+    pool = f"KV pool {format_bytes(memory['kv_bytes'])} ({blocks})"
+    return f"~{format_bytes(memory['total_bytes'])} ({fixed} + {pool})"
+
+
+def _tokenizer_text(tokenizer: dict[str, Any]) -> str:
+    if tokenizer["status"] == "ok":
+        return f"{tokenizer['file']}, {tokenizer['vocab_size']:,} token ids"
+    if tokenizer["status"] == "missing":
+        return "none (the checkpoint has no tokenizer.json): run with --prompt-ids"
+    return f"{WARNING}{tokenizer['problem']}; run with --prompt-ids"
+
+
+def _max_seq_len_text(limits: dict[str, Any]) -> str:
+    chosen, declared = limits["max_seq_len"], limits["max_position_embeddings"]
+    if limits["capped"]:
+        return f"{chosen} (the model declares {declared}; capped at {chosen}: pass --max-seq-len to raise it)"
+    if limits.get("chosen_by") == "option":
+        return f"{chosen} (--max-seq-len; the model declares {declared})"
+    return f"{chosen} (the model's max_position_embeddings)"
+
+
+def summary(report: dict[str, Any], out_dir: Path) -> Group:
+    """The compile summary: the pass table, then one short line per fact, readable at 80 columns."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column(overflow="fold")
+    for what, value in summary_rows(report, out_dir):
+        facts.add_row(what, value)
+    return Group(pass_table(report), facts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             buckets_from=args.buckets_from,
             num_buckets=args.num_buckets,
             cache_dir="" if args.no_cache else args.cache_dir,
+            cache_max_bytes=parse_size(args.cache_max_size, "--cache-max-size") if args.cache_max_size else None,
             force=args.force,
         )
         if args.quiet:
@@ -113,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(stderr=True)
         with RichStageListener(console) as listener:
             report = compile_model(args.model_dir, args.out_dir, options, listener=listener)
-        Console().print(summary_table(report))
+        Console().print(summary(report, Path(args.out_dir)))
         Console().print(f"artifact written to {args.out_dir}")
         return EXIT_OK
 

@@ -7,16 +7,25 @@ Exit codes: 0 success, 2 bad input or usage (one line on stderr, no traceback), 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import traceback
 from collections.abc import Callable
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from xllm_compiler.errors import InputError, XllmError
+from xllm_compiler.oserrors import user_os_error
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def version_string(prog: str) -> str:
+    """``--version``'s line, e.g. "xllm-compile 0.1.0 (torch 2.13.0)": the two versions an artifact records."""
+    from xllm_compiler import __version__
+
+    return f"{prog} {__version__} (torch {importlib.metadata.version('torch')})"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,9 +45,10 @@ def guarded(prog: str, body: Callable[[], int], debug: bool) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        usage = isinstance(exc, InputError)
+        os_message = user_os_error(exc)
+        usage = isinstance(exc, InputError) or os_message is not None
         kind = "error" if usage else "internal error"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = os_message or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if not usage and not isinstance(exc, XllmError):
             detail = f"{type(exc).__name__}: {detail}"
         hint = "" if usage or debug else " (run with --debug for the traceback)"
@@ -62,7 +72,7 @@ class RichStageListener:
             transient=True,
             disable=not console.is_terminal,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> RichStageListener:
         self.progress.start()

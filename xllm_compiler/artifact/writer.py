@@ -18,43 +18,92 @@ import torch
 from safetensors.torch import save_file
 from torch import fx
 
-from xllm_compiler.artifact.graph_format import ARENA_PREFIX, serialize_graph
+from xllm_compiler.artifact.graph_format import serialize_graph
 from xllm_compiler.errors import OutputDirError
+from xllm_compiler.interface import ARENA_PREFIX
+from xllm_compiler.oserrors import NO_SPACE_ERRNOS, USER_ERRNOS, as_os_error
 
 WEIGHTS_FILE = "weights.safetensors"
 GRAPHS_DIR = "graphs"
 
 
 def check_output_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> None:
-    """Refuse an OUT_DIR that is a file, that is or holds the model folder, or that is a non-empty folder
-    without ``force``."""
+    """Refuse, before any work is done, an OUT_DIR that is a file, that lies under a file, that we may
+    not create, that is or holds the model folder, or that is a non-empty folder without ``force``."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputDirError(f"output path {out_dir} exists and is not a directory")
-    if model_dir is not None:
-        out, model = out_dir.resolve(), Path(model_dir).resolve()
-        if out == model or out in model.parents:
-            raise OutputDirError(f"output directory {out_dir} is or contains the model directory {model_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OutputDirError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+    with _as_output_dir_error(out_dir):
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputDirError(f"output path {out_dir} exists and is not a directory")
+        parent = _nearest_existing(out_dir.absolute().parent)
+        if not parent.is_dir():
+            raise OutputDirError(f"cannot create the output directory {out_dir}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            why = "is on a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "is not writable"
+            raise OutputDirError(f"cannot create the output directory {out_dir}: {parent} {why}")
+        if model_dir is not None:
+            out, model = out_dir.resolve(), Path(model_dir).resolve()
+            if out == model or out in model.parents:
+                raise OutputDirError(f"output directory {out_dir} is or contains the model directory {model_dir}")
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+            raise OutputDirError(
+                f"output directory {out_dir} exists and is not empty (--force, or force=True in Python, replaces it)"
+            )
 
 
 @contextlib.contextmanager
 def staged_output(out_dir: Path, force: bool, model_dir: Path | None = None) -> Iterator[Path]:
     """Yield a staging folder; on normal exit it becomes OUT_DIR, on any exception it vanishes and an
-    existing OUT_DIR is left as it was."""
+    existing OUT_DIR is left as it was. An OSError of the user's making in OUT_DIR (permissions, a full
+    disk) becomes an OutputDirError naming the folder."""
     out_dir = Path(out_dir).absolute()
     check_output_dir(out_dir, force, model_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    with _as_output_dir_error(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        yield staging
-        _apply_umask(staging)
-        check_output_dir(out_dir, force, model_dir)
-        _swap_in(staging, out_dir)
+        with _as_output_dir_error(out_dir):
+            yield staging
+            _apply_umask(staging)
+            check_output_dir(out_dir, force, model_dir)
+            _swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (a file or a folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def _as_output_dir_error(out_dir: Path) -> Iterator[None]:
+    """Re-raise an OSError the user can fix (see oserrors) that concerns OUT_DIR, its ancestors or its
+    hidden siblings as an OutputDirError naming OUT_DIR; any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        error = as_os_error(exc)
+        if error is None or error.errno not in USER_ERRNOS:
+            raise
+        out_dir = Path(out_dir).absolute()
+        if error.errno in NO_SPACE_ERRNOS:
+            raise OutputDirError(f"cannot write the output directory {out_dir}: {error.strerror}") from exc
+        if error.filename is None or not _concerns(out_dir, Path(os.fsdecode(error.filename)).absolute()):
+            raise
+        folder = _nearest_existing(Path(os.fsdecode(error.filename)).absolute())
+        reason = f"{folder} is a file, not a folder" if not folder.is_dir() else f"{error.strerror} in {folder}"
+        raise OutputDirError(f"cannot write the output directory {out_dir}: {reason}") from exc
+
+
+def _concerns(out_dir: Path, path: Path) -> bool:
+    """Whether ``path`` is OUT_DIR, inside it, one of its ancestors, or inside a hidden sibling
+    (``.NAME.partial-*`` staging, ``.NAME.old-*`` retired)."""
+    if path == out_dir or out_dir in path.parents or path in out_dir.parents:
+        return True
+    return any(p.parent == out_dir.parent and p.name.startswith(f".{out_dir.name}.") for p in [path, *path.parents])
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
