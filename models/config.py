@@ -14,13 +14,9 @@ from typing import Any
 
 import torch
 
+from xllm_compiler.dtypes import MODEL_DTYPES
 from xllm_compiler.errors import ConfigError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -95,9 +91,9 @@ def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype | None:
     name = config.get("dtype") or config.get("torch_dtype")
     if name is None or name == "auto":
         return None
-    if name not in DTYPES:
-        raise ConfigError(f"config.json dtype '{name}' is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in MODEL_DTYPES:
+        raise ConfigError(f"config.json dtype '{name}' is not one of {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
 
 
 def rope_spec(config: dict[str, Any]) -> RopeSpec:

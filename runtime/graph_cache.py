@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from xllm_compiler.artifact.schema import FALLBACK_GRAPH as FALLBACK
 from xllm_compiler.buckets.policy import Bucket
 from xllm_compiler.errors import ArtifactError, OptionsError
-
-FALLBACK = "dynamic"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from xllm_compiler.errors import ArtifactError, RequestError
+from xllm_compiler.artifact.schema import Manifest
+from xllm_compiler.errors import RequestError
 from xllm_compiler.runtime.engine import Engine
+from xllm_compiler.runtime.memory_budget import LoadMemory
 from xllm_compiler.runtime.sampling import sample
 from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.step import Sequence
@@ -24,15 +26,15 @@ def _is_real(value: Any) -> bool:
 class CompiledModel:
     """A loaded artifact, ready to run. Not thread-safe: one call at a time."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], engine: Engine, scheduler: Scheduler):
+    def __init__(self, root: Path, manifest: Manifest, engine: Engine, scheduler: Scheduler, memory: LoadMemory):
         self.root = root
         self.manifest = manifest
         self.engine = engine
         self.scheduler = scheduler
-        model = manifest["model"]
-        self.vocab_size: int = model["vocab_size"]
-        self.max_seq_len: int = model["max_seq_len"]
-        self.eos_token_ids: tuple[int, ...] = tuple(model["eos_token_ids"])
+        self.memory = memory
+        self.vocab_size: int = manifest.model.vocab_size
+        self.max_seq_len: int = manifest.model.max_seq_len
+        self.eos_token_ids: tuple[int, ...] = tuple(manifest.model.eos_token_ids)
         self.device = engine.device
         self._tokenizer = None
 
@@ -59,12 +61,19 @@ class CompiledModel:
             if bad is not None:
                 raise RequestError(f"prompt {i}: token id {bad} is outside [0, {self.vocab_size})")
             if len(ids) + max_new_tokens > self.max_seq_len:
-                raise RequestError(
-                    f"prompt {i}: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed max_seq_len "
-                    f"{self.max_seq_len}"
-                )
+                raise RequestError(self._too_long(i, len(ids), max_new_tokens))
             checked.append(ids)
         return checked
+
+    def _too_long(self, i: int, prompt_tokens: int, new_tokens: int) -> str:
+        needed, allowed = prompt_tokens + new_tokens, self.manifest.model.max_position_embeddings
+        problem = (
+            f"prompt {i}: {prompt_tokens} prompt tokens + {new_tokens} new tokens exceed max_seq_len {self.max_seq_len}"
+        )
+        if needed > allowed:
+            return f"{problem}, and the model allows at most {allowed} positions"
+        how = f"recompile with --max-seq-len {needed} or more (max_seq_len= from Python)"
+        return f"{problem}: {how}; the model allows up to {allowed}"
 
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -121,11 +130,9 @@ class CompiledModel:
     def tokenizer(self):
         """The checkpoint's tokenizer.json as a ``tokenizers.Tokenizer`` (ValueError if it had none)."""
         if self._tokenizer is None:
-            name = self.manifest.get("tokenizer")
+            name = self.manifest.tokenizer
             if not name:
                 raise RequestError(f"the artifact {self.root} has no tokenizer.json; pass token ids instead")
-            if name not in self.manifest["files"]:
-                raise ArtifactError(f"manifest.json names tokenizer '{name}', which its 'files' list does not cover")
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(self.root / name))
@@ -156,4 +163,6 @@ class CompiledModel:
             "kv_block_size": self.engine.block_size,
             "kv_fragmentation": pool.fragmentation,
             "kv_peak_fragmentation": pool.peak_fragmentation,
+            "kv_pool_sized_by": self.memory.sized_by,
+            "weight_bytes": self.memory.weight_bytes,
         }

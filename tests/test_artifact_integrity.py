@@ -32,7 +32,8 @@ from torch import fx
 import xllm_compiler
 from xllm_compiler.artifact.allowlist import PYTHON_OPS, resolve_target
 from xllm_compiler.artifact.graph_format import deserialize_graph, serialize_graph
-from xllm_compiler.artifact.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+from xllm_compiler.artifact.manifest import read_manifest, sha256_file
+from xllm_compiler.artifact.schema import FORMAT_VERSION, MANIFEST
 from xllm_compiler.buckets.policy import Bucket
 from xllm_compiler.errors import ArtifactError
 from xllm_compiler.runtime.platform.cpu import lowered_targets
@@ -107,13 +108,12 @@ def write_json(path: Path, data) -> None:
 
 def graph_files(root: Path) -> list[str]:
     """The graph files the manifest names, relative to the artifact."""
-    return sorted(read_json(root / MANIFEST)["graphs"].values())
+    return sorted(read_manifest(root, verify=False).graph_files().values())
 
 
 def a_graph(root: Path) -> str:
     """One bucket graph file (not the dynamic fallback)."""
-    graphs = read_json(root / MANIFEST)["graphs"]
-    return sorted(rel for name, rel in graphs.items() if name != "dynamic")[0]
+    return sorted(bucket.graph for bucket in read_manifest(root, verify=False).buckets)[0]
 
 
 def rehash(root: Path, rel: str) -> None:
@@ -193,17 +193,12 @@ def test_manifest_layout(pristine, source_dir):
     assert HEX64.fullmatch(manifest["source"]["sha256"])
     assert manifest["source"]["sha256"] == source_sha256(source_dir)
 
-    options = manifest["options"]
-    assert options["decode_buckets"] == COMPILE_OPTIONS["decode_buckets"]
-    assert options["prefill_buckets"] == COMPILE_OPTIONS["prefill_buckets"]
-    assert options["max_seq_len"] == COMPILE_OPTIONS["max_seq_len"]
-
-    graphs = manifest["graphs"]
-    assert isinstance(graphs, dict) and "dynamic" in graphs
     buckets = [Bucket(b["phase"], b["num_tokens"], b["num_seqs"]) for b in manifest["buckets"]]
-    assert {b.phase for b in buckets} == {"decode", "prefill"}
-    for bucket in buckets:
-        assert bucket.name in graphs, f"bucket {bucket.name} has no graph"
+    assert [b.num_tokens for b in buckets if b.phase == "decode"] == COMPILE_OPTIONS["decode_buckets"]
+    assert [b.num_tokens for b in buckets if b.phase == "prefill"] == COMPILE_OPTIONS["prefill_buckets"]
+    assert manifest["model"]["max_seq_len"] == COMPILE_OPTIONS["max_seq_len"]
+    graphs = [manifest["fallback_graph"], *(b["graph"] for b in manifest["buckets"])]
+    assert len(set(graphs)) == len(graphs), "every bucket has a graph file of its own"
 
     files = manifest["files"]
     for rel, entry in files.items():
@@ -211,7 +206,7 @@ def test_manifest_layout(pristine, source_dir):
         assert HEX64.fullmatch(entry["sha256"]), rel
         assert entry["sha256"] == sha256_file(pristine / rel), rel
         assert entry["bytes"] == (pristine / rel).stat().st_size, rel
-    for rel in [WEIGHTS, TOKENIZER, *graphs.values()]:
+    for rel in [WEIGHTS, TOKENIZER, *graphs]:
         assert rel in files, f"{rel} is read by the runtime but not hash-listed"
     on_disk = {p.relative_to(pristine).as_posix() for p in pristine.rglob("*") if p.is_file()}
     assert on_disk - {MANIFEST} == set(files)
@@ -358,9 +353,14 @@ def test_symlink_out_of_the_artifact_is_refused(artifact):
 
 def test_manifest_graph_entry_outside_the_artifact_is_refused(artifact):
     rel = a_graph(artifact)
-    name = next(k for k, v in read_json(artifact / MANIFEST)["graphs"].items() if v == rel)
     shutil.copyfile(artifact / rel, artifact.parent / "outside.json")
-    edit_manifest(artifact, lambda m: m["graphs"].update({name: "../outside.json"}))
+
+    def point_outside(manifest):
+        bucket = next(b for b in manifest["buckets"] if b["graph"] == rel)
+        bucket["graph"] = "../outside.json"
+        manifest["files"]["../outside.json"] = manifest["files"].pop(rel)
+
+    edit_manifest(artifact, point_outside)
     assert_load_fails(artifact, "../outside.json")
 
 
@@ -868,11 +868,11 @@ def test_wheel_ships_subpackages_under_xllm_compiler_only(tmp_path):
 
 def test_graph_round_trip_prints_the_same_code(compiled):
     root, graph_modules = compiled
-    manifest = read_json(root / MANIFEST)
-    assert set(graph_modules) == set(manifest["graphs"])
+    files = read_manifest(root).graph_files()
+    assert set(graph_modules) == set(files)
     for name, gm in graph_modules.items():
         data = serialize_graph(gm)
-        assert data == read_json(root / manifest["graphs"][name]), f"{name}: the artifact's file differs"
+        assert data == read_json(root / files[name]), f"{name}: the artifact's file differs"
         stored = json.loads(json.dumps(data))
         graph = deserialize_graph(stored, torch.device("cpu"), where=name)
         rebuilt = fx.GraphModule(gm, graph)

@@ -57,9 +57,10 @@ import torch
 from torch import fx
 
 from xllm_compiler.console import EXIT_OK, OneLineParser, guarded
+from xllm_compiler.dtypes import MODEL_DTYPES as DTYPES
 from xllm_compiler.errors import CompileError, ConfigError, OptionsError
 from xllm_compiler.models import spec_from_config
-from xllm_compiler.models.config import DTYPES, read_config
+from xllm_compiler.models.config import read_config
 from xllm_compiler.models.registry import ARCHITECTURES
 from xllm_compiler.passes import GraphPass, PassManager, PassResult, default_pipeline
 from xllm_compiler.testing import build_graph, tiny_config

@@ -7,6 +7,7 @@ artifact from the cached entry, and a miss runs the stages and fills the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -20,7 +21,23 @@ from torch import fx
 
 from xllm_compiler import __version__
 from xllm_compiler.artifact.graph_format import GRAPH_FORMAT_VERSION, serialize_graph
-from xllm_compiler.artifact.manifest import FORMAT_VERSION, MANIFEST, file_entries, write_manifest
+from xllm_compiler.artifact.manifest import file_entries, read_manifest, write_manifest
+from xllm_compiler.artifact.schema import (
+    FALLBACK_GRAPH,
+    FORMAT_VERSION,
+    MANIFEST,
+    BucketEntry,
+    CreatedBy,
+    FileEntry,
+    KVCacheLayout,
+    Manifest,
+    ModelInfo,
+    PassEntry,
+    RequestedOptions,
+    Source,
+    TensorParallelLayout,
+    calling_convention,
+)
 from xllm_compiler.artifact.writer import (
     check_output_dir,
     referenced_weights,
@@ -29,14 +46,16 @@ from xllm_compiler.artifact.writer import (
     write_graph,
     write_weights,
 )
-from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets, specialize
+from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets
+from xllm_compiler.buckets.specialize import specialize
 from xllm_compiler.buckets.traffic import Trace, best_buckets, padded_tokens, padding_fraction, read_trace
-from xllm_compiler.cache import CompileCache, cache_key, default_cache_dir
+from xllm_compiler.cache import CompileCache, Lookup, cache_key, default_cache_dir
 from xllm_compiler.capture import capture
+from xllm_compiler.dtypes import MODEL_DTYPES, dtype_name
 from xllm_compiler.errors import CompileError, OptionsError
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import ModelSpec, TensorParallel, build_model, load_spec
-from xllm_compiler.models.config import DTYPES
+from xllm_compiler.ops import native
 from xllm_compiler.options import (
     DEFAULT_DECODE_BUCKETS,
     DEFAULT_PREFILL_BUCKETS,
@@ -49,7 +68,9 @@ from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
+from xllm_compiler.runtime.memory_budget import kv_bytes_per_token, plan_load_memory
 from xllm_compiler.runtime.platform import get_platform
+from xllm_compiler.tokenizer_check import check_tokenizer
 
 #: Files of a checkpoint folder that define the model; their hashes make the source hash.
 SOURCE_PATTERNS = (
@@ -76,24 +97,48 @@ def source_sha256(model_dir: Path, cache: CompileCache | None = None) -> str:
 def resolve_dtype(options: CompileOptions, spec: ModelSpec) -> torch.dtype:
     if options.dtype == "auto":
         return spec.dtype or torch.float32
-    return DTYPES[options.dtype]
+    return MODEL_DTYPES[options.dtype]
 
 
-def resolve_max_seq_len(options: CompileOptions, spec: ModelSpec) -> int:
+@dataclass(frozen=True)
+class MaxSeqLen:
+    """The max_seq_len a compile uses and why; the report records it, so that a capped length is no surprise."""
+
+    value: int
+    max_position_embeddings: int
+    chosen_by: str
+    """"option" (max_seq_len was given) or "default" (max_position_embeddings, capped at MAX_SEQ_LEN_CAP)."""
+
+    @property
+    def capped(self) -> bool:
+        return self.value < self.max_position_embeddings and self.chosen_by == "default"
+
+    def to_json(self) -> dict[str, Any]:
+        """The compile report's "limits" section."""
+        return {
+            "max_seq_len": self.value,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_seq_len_cap": MAX_SEQ_LEN_CAP,
+            "capped": self.capped,
+            "chosen_by": self.chosen_by,
+        }
+
+
+def resolve_max_seq_len(options: CompileOptions, spec: ModelSpec) -> MaxSeqLen:
     if options.max_seq_len is None:
-        return min(spec.max_position_embeddings, MAX_SEQ_LEN_CAP)
+        return MaxSeqLen(min(spec.max_position_embeddings, MAX_SEQ_LEN_CAP), spec.max_position_embeddings, "default")
     if options.max_seq_len > spec.max_position_embeddings:
         raise OptionsError(
             f"max_seq_len {options.max_seq_len} exceeds the model's max_position_embeddings "
             f"{spec.max_position_embeddings}"
         )
-    return options.max_seq_len
+    return MaxSeqLen(options.max_seq_len, spec.max_position_embeddings, "option")
 
 
 def resolve_cache(options: CompileOptions) -> CompileCache:
     if options.cache_dir == "":
         return CompileCache(None)
-    return CompileCache(Path(options.cache_dir) if options.cache_dir else default_cache_dir())
+    return CompileCache(Path(options.cache_dir) if options.cache_dir else default_cache_dir(), options.cache_max_bytes)
 
 
 @dataclass
@@ -111,10 +156,11 @@ class CompilePlan:
     source_sha256: str
     trace: Trace | None
     key: str
+    limits: MaxSeqLen
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
 
 def _bucket_sizes(
@@ -139,7 +185,8 @@ def plan_compile(
 ) -> CompilePlan:
     spec = load_spec(model_dir)
     dtype = resolve_dtype(options, spec)
-    max_seq_len = resolve_max_seq_len(options, spec)
+    limits = resolve_max_seq_len(options, spec)
+    max_seq_len = limits.value
     trace = read_trace(Path(options.buckets_from)) if options.buckets_from else None
     decode, prefill = _bucket_sizes(options, trace, max_seq_len)
     explicit = options.prefill_buckets is not None and trace is None
@@ -162,7 +209,9 @@ def plan_compile(
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
         }
     )
-    return CompilePlan(model_dir, spec, dtype, max_seq_len, buckets, device, passes, bucket_passes, source, trace, key)
+    return CompilePlan(
+        model_dir, spec, dtype, max_seq_len, buckets, device, passes, bucket_passes, source, trace, key, limits
+    )
 
 
 def compile_model(
@@ -183,18 +232,26 @@ def compile_model(
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
         plan = plan_compile(model_dir, options, platform.name, passes, bucket_passes, cache)
+        report.sections["limits"] = plan.limits.to_json()
+        report.sections["tokenizer"] = check_tokenizer(model_dir / TOKENIZER_FILE, plan.spec.vocab_size).to_json()
+    if platform.name == "cpu" and native.needs_build():  # so the first load need not wait a minute for them
+        with report.stage("kernels", native.BUILD_DESCRIPTION):
+            native.build_kernels()
     reuse = cache.enabled and not (options.debug_dump or options.verify)
-    with report.stage("cache", "Looking up the compile cache"):
-        entry = cache.lookup(plan.key) if reuse else None
-    if entry is not None:
-        with staged_output(out_dir, options.force, model_dir) as root:
-            with report.stage("restore", "Reusing the cached compile"):
-                manifest = _restore(cache, entry, root, plan, report)
-            known = {rel: e for rel, e in manifest["files"].items() if rel != REPORT_FILE}
-            _finish(root, manifest, report, list(known), known)
-    else:
-        _build(plan, options, report, out_dir)
-        cache.store(plan.key, out_dir)
+    waiting = "Waiting for another compile of this model and options (it holds {})"  # then this one hits
+    with cache.locked(plan.key, lambda lock: report.stage("lock", waiting.format(lock))):
+        with report.stage("cache", "Looking up the compile cache"):
+            found = cache.lookup(plan.key) if reuse else Lookup()
+        if found.entry is not None:
+            with staged_output(out_dir, options.force, model_dir) as root:
+                with report.stage("restore", "Reusing the cached compile"):
+                    manifest = _restore(cache, found.entry, root, plan, report)
+                known = {rel: e for rel, e in manifest.files.items() if rel != REPORT_FILE}
+                _finish(root, manifest, report, list(known), known)
+        else:
+            report.sections["cache"] = found.report(plan.key)
+            _build(plan, options, report, out_dir)
+            cache.store(plan.key, out_dir)
     return report.to_json()
 
 
@@ -244,7 +301,6 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             "buckets": _bucket_report(plan, buckets0, seconds),
             "memory": {b.name: g.meta["memory_plan"].summary() for b, g in buckets0.items() if "memory_plan" in g.meta},
             "comm": {b.name: comm_report(g) for b, g in buckets0.items()} if options.tp > 1 else {},
-            "cache": {"key": plan.key, "hit": False},
         }
     )
     with staged_output(out_dir, options.force, plan.model_dir) as root:
@@ -253,15 +309,14 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 write_weights(root, referenced_weights([g, *b.values()]), weights_file(rank, options.tp))
                 for rank, (g, b) in enumerate(zip(graphs, bucket_graphs, strict=True))
             ]
-            graph_files = {"dynamic": write_graph(root, "dynamic", gm)}
+            graph_files = {FALLBACK_GRAPH: write_graph(root, FALLBACK_GRAPH, gm)}
             graph_files.update({b.name: write_graph(root, b.name, g) for b, g in buckets0.items()})
             _check_ranks_agree(graphs, bucket_graphs)
             files = [*weight_files, *graph_files.values()]
             if (plan.model_dir / TOKENIZER_FILE).is_file():
                 shutil.copyfile(plan.model_dir / TOKENIZER_FILE, root / TOKENIZER_FILE)
                 files.append(TOKENIZER_FILE)
-        manifest = _manifest(plan, options, graph_files, records[0])
-        manifest["tensor_parallel"] = {"size": options.tp, "weights": weight_files}
+        manifest = _manifest(plan, options, graph_files, weight_files, records[0])
         _finish(root, manifest, report, files)
 
 
@@ -276,26 +331,48 @@ def _check_ranks_agree(graphs: list[fx.GraphModule], bucket_graphs: list[dict[Bu
 
 
 def _finish(
-    root: Path, manifest: dict[str, Any], report: CompileReport, files: list[str], known: dict | None = None
+    root: Path, manifest: Manifest, report: CompileReport, files: list[str], known: dict[str, FileEntry] | None = None
 ) -> None:
-    """Write report.json, then the manifest with the hash of every file (the report's included);
-    ``known`` entries (files restored from a verified cache entry) are not hashed again."""
-    (root / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    """Hash the artifact's files, write report.json (with what a load of them will take), then the
+    manifest with the hash of every file, the report's included. ``known`` entries (files restored from
+    a verified cache entry) are not hashed again."""
     known = known or {}
-    fresh = file_entries(root, [f for f in [*files, REPORT_FILE] if f not in known])
-    manifest["files"] = dict(sorted({**known, **fresh}.items()))
+    entries = {**known, **file_entries(root, [f for f in files if f not in known])}
+    report.sections["load_memory"] = load_memory_report(dataclasses.replace(manifest, files=entries), report)
+    (root / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    entries.update(file_entries(root, [REPORT_FILE]))
+    manifest = dataclasses.replace(manifest, files=dict(sorted(entries.items())))
+    manifest.check()
     write_manifest(root, manifest)
 
 
-def _restore(cache: CompileCache, entry: Path, root: Path, plan: CompilePlan, report: CompileReport) -> dict[str, Any]:
-    """Fill ``root`` from a cache entry; returns its manifest, to be rewritten with this compile's report."""
+def load_memory_report(manifest: Manifest, report: CompileReport) -> dict[str, Any]:
+    """What loading the artifact will take (weights, the largest arena, the default KV pool), sized for
+    this machine's memory as load() sizes it; a plan that cannot fit here is a warning in the report."""
+    arena = max((m["arena_bytes"] for m in report.sections.get("memory", {}).values()), default=0)
+    section: dict[str, Any] = {
+        "kv_bytes_per_token": kv_bytes_per_token(manifest),
+        "kv_bytes_per_sequence": kv_bytes_per_token(manifest) * manifest.model.max_seq_len,
+    }
+    platform = get_platform(manifest.target_device)
+    try:
+        memory = plan_load_memory(manifest, arena, platform.free_memory_bytes(), platform.total_memory_bytes())
+    except OptionsError as exc:
+        section.update(weight_bytes=manifest.weight_bytes, arena_bytes=arena, fits_this_machine=False)
+        report.sections.setdefault("warnings", []).append(f"a load on this machine will fail: {exc}")
+        return section
+    return {**section, **memory.to_json(), "fits_this_machine": True}
+
+
+def _restore(cache: CompileCache, entry: Path, root: Path, plan: CompilePlan, report: CompileReport) -> Manifest:
+    """Fill ``root`` from a cache entry; returns its manifest, to be rewritten with this compile's report.
+    (The entry's files were verified by the cache lookup.)"""
     cached_report = json.loads((entry / REPORT_FILE).read_text())
-    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest = read_manifest(entry, verify=False)
     cache.restore(entry, root, skip={REPORT_FILE, MANIFEST})
     report.sections.update({k: v for k, v in cached_report.items() if k not in ("stages", "total_seconds")})
     report.sections["cache"] = {"key": plan.key, "hit": True}
-    manifest["source"]["path"] = str(plan.model_dir.absolute())
-    return manifest
+    return dataclasses.replace(manifest, source=Source(str(plan.model_dir.absolute()), manifest.source.sha256))
 
 
 def _bucket_report(plan: CompilePlan, graphs: dict[Bucket, fx.GraphModule], seconds: dict[Bucket, float]) -> dict:
@@ -331,44 +408,41 @@ def _bucket_padding(counts, sizes: list[int], bucket: int) -> float:
     return round(padded_tokens(landing, [bucket]) / real, 5) if real else 0.0
 
 
-def _manifest(plan: CompilePlan, options: CompileOptions, graph_files: dict[str, str], records: list) -> dict[str, Any]:
+def _manifest(
+    plan: CompilePlan, options: CompileOptions, graph_files: dict[str, str], weight_files: list[str], records: list
+) -> Manifest:
     spec = plan.spec
-    return {
-        "format_version": FORMAT_VERSION,
-        "created_by": {"xllm_compiler": __version__, "torch": torch.__version__},
-        "source": {"path": str(plan.model_dir.absolute()), "sha256": plan.source_sha256},
-        "cache_key": plan.key,
-        "options": {
-            "dtype": options.dtype,
-            "device": options.device,
-            "decode_buckets": [b.num_tokens for b in plan.buckets if b.phase == DECODE],
-            "prefill_buckets": [b.num_tokens for b in plan.buckets if b.phase == PREFILL],
-            "max_seq_len": plan.max_seq_len,
-            "block_size": options.block_size,
-            "tp": options.tp,
-            "micro_batch_min_tokens": options.micro_batch_min_tokens,
-            "passes": list(options.passes) if options.passes is not None else None,
-            "disable_passes": list(options.disable_passes),
-            "buckets_from": options.buckets_from,
-        },
-        "model": {
-            "architecture": spec.architecture,
-            "vocab_size": spec.vocab_size,
-            "num_layers": spec.num_layers,
-            "num_kv_heads": spec.num_kv_heads // options.tp,
-            "head_dim": spec.head_dim,
-            "dtype": plan.dtype_name,
-            "max_seq_len": plan.max_seq_len,
-            "bos_token_id": spec.bos_token_id,
-            "eos_token_ids": list(spec.eos_token_ids),
-        },
-        "target_device": plan.device,
-        "kv_cache": {"block_size": options.block_size, "reserved_blocks": RESERVED_BLOCKS},
-        "inputs": [
-            {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape)} for s in STEP_INPUTS
-        ],
-        "passes": [{"name": r.name, "version": r.version} for r in records],
-        "buckets": [b.to_json() for b in plan.buckets],
-        "graphs": graph_files,
-        "tokenizer": TOKENIZER_FILE if (plan.model_dir / TOKENIZER_FILE).is_file() else None,
-    }
+    return Manifest(
+        created_by=CreatedBy(xllm_compiler=__version__, torch=torch.__version__),
+        source=Source(path=str(plan.model_dir.absolute()), sha256=plan.source_sha256),
+        cache_key=plan.key,
+        options=RequestedOptions(
+            dtype=options.dtype,
+            device=options.device,
+            passes=list(options.passes) if options.passes is not None else None,
+            disable_passes=list(options.disable_passes),
+            buckets_from=options.buckets_from,
+            num_buckets=options.num_buckets,
+            micro_batch_min_tokens=options.micro_batch_min_tokens,
+        ),
+        model=ModelInfo(
+            architecture=spec.architecture,
+            vocab_size=spec.vocab_size,
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads // options.tp,
+            head_dim=spec.head_dim,
+            dtype=plan.dtype_name,
+            max_seq_len=plan.max_seq_len,
+            max_position_embeddings=spec.max_position_embeddings,
+            bos_token_id=spec.bos_token_id,
+            eos_token_ids=list(spec.eos_token_ids),
+        ),
+        target_device=plan.device,
+        kv_cache=KVCacheLayout(block_size=options.block_size, reserved_blocks=RESERVED_BLOCKS),
+        tensor_parallel=TensorParallelLayout(size=options.tp, weights=weight_files),
+        inputs=calling_convention(),
+        passes=[PassEntry(r.name, r.version) for r in records],
+        buckets=[BucketEntry(b.phase, b.num_tokens, b.num_seqs, graph_files[b.name]) for b in plan.buckets],
+        fallback_graph=graph_files[FALLBACK_GRAPH],
+        tokenizer=TOKENIZER_FILE if (plan.model_dir / TOKENIZER_FILE).is_file() else None,
+    )

@@ -18,6 +18,10 @@ NUM_SEQS = "num_seqs"
 NUM_BLOCKS = "num_blocks"
 MAX_BLOCKS_PER_SEQ = "max_blocks_per_seq"
 
+#: get_attr targets under this prefix are activation-arena buffers (placed by the memory planner, bound
+#: to views of one arena at load), never weights.
+ARENA_PREFIX = "arena."
+
 #: Padding tokens write their K/V here; the block pool never hands block 0 out.
 PAD_SLOT = 0
 RESERVED_BLOCKS = 1

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xllm_compiler.errors import OptionsError
-from xllm_compiler.passes.comm.split_micro_batches import DEFAULT_MIN_TOKENS as DEFAULT_MICRO_BATCH_MIN_TOKENS
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
@@ -16,6 +15,12 @@ DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512)
 #: tables are sized from it, and 128k-context checkpoints would otherwise reserve gigabytes.
 MAX_SEQ_LEN_CAP = 4096
 DEFAULT_BLOCK_SIZE = 16
+#: Tensor-parallel bucket graphs of at least this many tokens run as two micro-batches (the default of
+#: passes/comm/split_micro_batches.py). Measured with tools/tp_overlap.py (TP=2, gloo, 2 CPU cores): a
+#: split step was slower than a whole one at 32 and 128 tokens, decode or prefill (twice the collectives,
+#: each with its fixed cost, and half-size GEMMs); at 512 it hid a median 70% of the time blocked in
+#: all-reduce waits and was faster in 3 runs of 4.
+DEFAULT_MICRO_BATCH_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class CompileOptions:
     """With buckets_from: buckets per phase (default: as many as the default series has)."""
     cache_dir: str | None = None
     """Compile cache folder; None means the default (see xllm_compiler.cache), '' disables it."""
+    cache_max_bytes: int | None = None
+    """Compile cache size limit; None means $XLLM_CACHE_MAX_SIZE, else 20 GiB (xllm_compiler.cache)."""
     tp: int = 1
     """Tensor-parallel degree: one weights file per rank; run with torchrun --nproc-per-node tp."""
     micro_batch_min_tokens: int = DEFAULT_MICRO_BATCH_MIN_TOKENS
@@ -118,6 +125,7 @@ def make_options(**kwargs) -> CompileOptions:
         buckets_from=None if kwargs.get("buckets_from") is None else str(kwargs["buckets_from"]),
         num_buckets=_positive_or_none(kwargs.get("num_buckets"), "num_buckets"),
         cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
+        cache_max_bytes=_positive_or_none(kwargs.get("cache_max_bytes"), "cache_max_bytes"),
         tp=_positive_or_none(kwargs.get("tp", 1), "tp"),
         micro_batch_min_tokens=_positive_or_none(
             kwargs.get("micro_batch_min_tokens", DEFAULT_MICRO_BATCH_MIN_TOKENS), "micro_batch_min_tokens"

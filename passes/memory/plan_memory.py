@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from xllm_compiler.artifact.graph_format import ARENA_PREFIX
+from xllm_compiler.dtypes import dtype_name
+from xllm_compiler.interface import ARENA_PREFIX
 from xllm_compiler.ops import OUT_FORMS
 from xllm_compiler.passes.graph_pass import PassResult, graph_pass
 from xllm_compiler.passes.memory.liveness import Liveness, Storage
@@ -36,7 +37,7 @@ class Buffer:
     dtype: torch.dtype
 
     def to_json(self) -> dict[str, Any]:
-        return {"offset": self.offset, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+        return {"offset": self.offset, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
 
 
 @dataclass

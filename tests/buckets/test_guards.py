@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from xllm_compiler.artifact.graph_format import serialize_graph
-from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets, specialize
+from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets
+from xllm_compiler.buckets.specialize import specialize
 from xllm_compiler.capture.export import capture
 from xllm_compiler.errors import OptionsError
 from xllm_compiler.interface import NUM_SEQS, NUM_TOKENS, STEP_INPUTS, InputSpec

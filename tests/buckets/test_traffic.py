@@ -234,15 +234,11 @@ def test_compile_from_a_trace_uses_the_best_buckets(traced_compile):
     manifest = read_manifest(out)
     decode = best_buckets(trace.sizes[DECODE], len(DEFAULT_DECODE_BUCKETS))
     prefill = best_buckets(trace.sizes[PREFILL], len(DEFAULT_PREFILL_BUCKETS), limit=MAX_SEQ_LEN)
-    assert manifest["options"]["decode_buckets"] == decode
-    assert manifest["options"]["prefill_buckets"] == prefill
+    assert [b.num_tokens for b in manifest.buckets if b.phase == DECODE] == decode
+    assert [b.num_tokens for b in manifest.buckets if b.phase == PREFILL] == prefill
     assert max(prefill) == 64 and 200 not in prefill
-    assert manifest["options"]["buckets_from"] == str(trace_path)
-    assert [b["num_tokens"] for b in manifest["buckets"] if b["phase"] == DECODE] == decode
-    assert [b["num_tokens"] for b in manifest["buckets"] if b["phase"] == PREFILL] == prefill
-    assert {b["phase"] + "_" + str(b["num_tokens"]) for b in manifest["buckets"]} | {"dynamic"} == set(
-        manifest["graphs"]
-    )
+    assert manifest.options.buckets_from == str(trace_path)
+    assert {b.bucket.name for b in manifest.buckets} | {"dynamic"} == set(manifest.graph_files())
     assert report == json.loads((out / "report.json").read_text())
 
 
@@ -286,9 +282,11 @@ def test_trace_with_one_phase_keeps_the_default_buckets_of_the_other(tiny_llama,
     report = xllm_compiler.compile(
         tiny_llama, tmp_path / "out", buckets_from=trace, max_seq_len=MAX_SEQ_LEN, cache_dir=""
     )
-    manifest = read_manifest(tmp_path / "out")
-    assert manifest["options"]["decode_buckets"] == [1, 3]
-    assert manifest["options"]["prefill_buckets"] == [s for s in DEFAULT_PREFILL_BUCKETS if s <= MAX_SEQ_LEN]
+    buckets = read_manifest(tmp_path / "out").buckets
+    assert [b.num_tokens for b in buckets if b.phase == DECODE] == [1, 3]
+    assert [b.num_tokens for b in buckets if b.phase == PREFILL] == [
+        s for s in DEFAULT_PREFILL_BUCKETS if s <= MAX_SEQ_LEN
+    ]
     assert "trace" in report["buckets"][DECODE]
     assert "trace" not in report["buckets"][PREFILL]
 
@@ -299,10 +297,12 @@ def test_num_buckets_bounds_the_buckets_per_phase(tiny_llama, tmp_path):
         tiny_llama, tmp_path / "out", buckets_from=trace, num_buckets=2, max_seq_len=MAX_SEQ_LEN, cache_dir=""
     )
     parsed = read_trace(trace)
-    options = read_manifest(tmp_path / "out")["options"]
-    assert options["decode_buckets"] == best_buckets(parsed.sizes[DECODE], 2)
-    assert options["prefill_buckets"] == best_buckets(parsed.sizes[PREFILL], 2, limit=MAX_SEQ_LEN)
-    assert len(options["decode_buckets"]) == len(options["prefill_buckets"]) == 2
+    buckets = read_manifest(tmp_path / "out").buckets
+    decode = [b.num_tokens for b in buckets if b.phase == DECODE]
+    prefill = [b.num_tokens for b in buckets if b.phase == PREFILL]
+    assert decode == best_buckets(parsed.sizes[DECODE], 2)
+    assert prefill == best_buckets(parsed.sizes[PREFILL], 2, limit=MAX_SEQ_LEN)
+    assert len(decode) == len(prefill) == 2
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from tests.passes.graphs import ARCHITECTURES, aten, model_graph, xllm
+from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.errors import CompileError, OptionsError
 from xllm_compiler.passes import GraphPass, PassManager, PassResult, default_pipeline, select_passes
 from xllm_compiler.passes.verify import TOLERANCE, NumericsCheck, relative_error, run_steps, sample_steps
@@ -169,6 +170,23 @@ def test_numerics_check_names_the_pass_that_changed_results():
     assert check.errors["double_output"] > 0.5
 
 
+def test_numerics_check_says_where_the_largest_difference_is():
+    gm = model_graph("LlamaForCausalLM", 1)
+    gm.recompile()
+    check = NumericsCheck(gm, torch.float32)
+    prefill = check.last[0]  # doubling moves every logit by itself: the largest one moves most
+    sequence, token = divmod(int(prefill.abs().argmax()), prefill.shape[1])
+
+    with pytest.raises(CompileError) as caught:
+        PassManager([DoubleOutput()], check=check).run(gm)
+
+    moved = f"{prefill.abs().max().item():.3g}"
+    assert str(caught.value) == (
+        f"pass double_output v1 changed the graph's results (--verify): in the prefill step, logit {token} of "
+        f"sequence {sequence} moved by {moved} (1 of the largest logit), over the tolerance 0.0001"
+    )
+
+
 def test_numerics_check_passes_the_real_pipeline():
     gm = model_graph("Qwen3ForCausalLM", 1)
     check = NumericsCheck(gm, torch.float32)
@@ -212,8 +230,8 @@ def test_report_json_lists_every_pass_with_what_it_did(checkpoints):
     assert matches["fuse_add_rms_norm"] == 2 * layers and matches["fuse_rms_norm"] == 1
     assert matches["fuse_silu_and_mul"] == matches["fuse_rotary_embedding"] == layers
     assert matches["merge_qkv_projections"] == matches["merge_gate_up_projections"] == layers
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["passes"] == [{"name": p["name"], "version": p["version"]} for p in passes]
+    manifest = read_manifest(out)
+    assert [(p.name, p.version) for p in manifest.passes] == [(p["name"], p["version"]) for p in passes]
 
 
 def test_compile_with_verify_names_a_pass_that_changes_results(checkpoints, tmp_path):

@@ -92,12 +92,12 @@ def test_request_larger_than_the_pool_is_refused(small_artifact, small_model, pr
 def test_memory_stats_after_generate(small_artifact, prompts):
     model = xllm_compiler.load(small_artifact)
     memory = model.memory_stats()
-    manifest = model.manifest["model"]
+    spec = model.manifest.model
     # Default pool: the largest decode bucket (2) of max_seq_len (128) sequences, in blocks of 16, + block 0.
     num_blocks = 2 * blocks_of(128, 16) + RESERVED_BLOCKS
     assert memory["kv_blocks_total"] == num_blocks - RESERVED_BLOCKS
     assert memory["kv_cache_bytes"] == num_blocks * KVCache.bytes_per_block(
-        manifest["num_layers"], 16, manifest["num_kv_heads"], manifest["head_dim"], torch.float32
+        spec.num_layers, 16, spec.num_kv_heads, spec.head_dim, torch.float32
     )
     assert memory["kv_blocks_peak"] == 0
     model.generate(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)

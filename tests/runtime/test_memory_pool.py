@@ -18,11 +18,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import xllm_compiler
 from tests.hf_oracle import mixed_prompts
-from xllm_compiler.artifact.graph_format import ARENA_PREFIX, read_memory_plan
-from xllm_compiler.artifact.writer import WEIGHTS_FILE
+from xllm_compiler.artifact.graph_format import read_memory_plan
+from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.buckets import DECODE, PREFILL
 from xllm_compiler.errors import OptionsError
-from xllm_compiler.interface import RESERVED_BLOCKS
+from xllm_compiler.interface import ARENA_PREFIX, RESERVED_BLOCKS
 from xllm_compiler.run import main as run_main
 from xllm_compiler.runtime.kv_cache import KVCache
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
@@ -32,6 +32,8 @@ TINY_LLAMA = Path(__file__).resolve().parents[2] / "tools" / "tiny-llama"
 NEW_TOKENS = 12
 STATS_KEYS = {
     "arena_bytes",
+    "weight_bytes",
+    "kv_pool_sized_by",
     "arena_bytes_per_bucket",
     "kv_cache_bytes",
     "kv_blocks_total",
@@ -76,9 +78,8 @@ def _one_thread():
 
 def plans(artifact: Path) -> dict[str, dict]:
     """Each bucket graph's buffers (get_attr target -> ArenaBuffer), as the graph files store them."""
-    manifest = json.loads((artifact / "manifest.json").read_text())
     result = {}
-    for name, rel in manifest["graphs"].items():
+    for name, rel in read_manifest(artifact).graph_files().items():
         arena_bytes, buffers = read_memory_plan(json.loads((artifact / rel).read_text()), where=rel)
         if arena_bytes:
             result[name] = buffers
@@ -236,14 +237,14 @@ def test_steady_decode_allocates_nothing_but_the_logits(artifact, batch):
 
 
 def pool_costs(artifact: Path, reference) -> tuple[int, int]:
-    """(bytes the weights and arena take, bytes of one KV block), as load() counts them."""
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    model = manifest["model"]
+    """(bytes the weights and arena take, bytes of one KV block), as load() counts them: the weights by
+    their file's size in the manifest."""
+    manifest = read_manifest(artifact)
+    model = manifest.model
     block_bytes = KVCache.bytes_per_block(
-        model["num_layers"], manifest["kv_cache"]["block_size"], model["num_kv_heads"], model["head_dim"], torch.float32
+        model.num_layers, manifest.kv_cache.block_size, model.num_kv_heads, model.head_dim, torch.float32
     )
-    weights = load_file(str(artifact / WEIGHTS_FILE))
-    used = sum(t.numel() * t.element_size() for t in weights.values()) + reference.memory_stats()["arena_bytes"]
+    used = manifest.weight_bytes + reference.memory_stats()["arena_bytes"]
     return used, block_bytes
 
 

@@ -25,28 +25,13 @@ import torch
 from torch import fx
 
 from xllm_compiler.artifact.allowlist import check_allowed, resolve_target
+from xllm_compiler.dtypes import DTYPES, dtype_name
 from xllm_compiler.errors import ArtifactError
+from xllm_compiler.interface import ARENA_PREFIX
 
 GRAPH_FORMAT = "xllm-fx"
 GRAPH_FORMAT_VERSION = 1
-#: get_attr targets under this prefix are activation-arena buffers, bound at load, never weights.
-ARENA_PREFIX = "arena."
 
-DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float64,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
 LAYOUTS = {"strided": torch.strided}
 MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format,
@@ -57,10 +42,10 @@ NODE_OPS = ("placeholder", "get_attr", "call_function", "output")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ArtifactError(f"dtype {dtype} cannot be stored in an artifact")
-    return name
+    try:
+        return dtype_name(dtype)
+    except KeyError:
+        raise ArtifactError(f"dtype {dtype} cannot be stored in an artifact") from None
 
 
 def _size_value(size: Any, subs: dict[sympy.Symbol, Any]) -> int | str:

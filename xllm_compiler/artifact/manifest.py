@@ -1,20 +1,22 @@
-"""manifest.json: what an artifact holds, how it was made, and the sha256 of every file in it.
+"""manifest.json on disk: written last by the compiler, read first by the runtime, files verified by sha256.
 
-Written last by the compiler and read first by the runtime, which refuses an artifact whose format
-version it does not know or any of whose files is missing or differs from its recorded hash.
+The manifest's fields are ``schema.Manifest``; this module reads and writes the file and checks the
+artifact's files against it: every listed file present inside the artifact with its recorded size
+(cheap, always), and its sha256 (a full read: ``verify_files``, or started in the background with
+``FileVerifier`` so that hashing the weights overlaps with reading them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
+from xllm_compiler.artifact.schema import MANIFEST, FileEntry, Manifest
 from xllm_compiler.errors import ArtifactError
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 _CHUNK = 1 << 22
 
 
@@ -26,19 +28,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_entries(root: Path, relative_paths: list[str]) -> dict[str, dict[str, Any]]:
-    """{path: {sha256, bytes}} for the files an artifact lists."""
-    return {
-        rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in sorted(relative_paths)
-    }
+def file_entries(root: Path, relative_paths: list[str]) -> dict[str, FileEntry]:
+    """{path: FileEntry(sha256, bytes)} for the files an artifact lists."""
+    return {rel: FileEntry(sha256_file(root / rel), (root / rel).stat().st_size) for rel in sorted(relative_paths)}
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of artifact ``root``, with its format version and file hashes verified."""
+def read_manifest(root: Path | str, verify: bool = True) -> Manifest:
+    """The manifest of artifact ``root``, validated, with every listed file present at its recorded size;
+    with ``verify`` every file's sha256 checked too (else call ``verify_files`` or a ``FileVerifier``)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -46,36 +47,50 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: not a compiled artifact")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} must hold a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {version!r} is not supported by this runtime (expects {FORMAT_VERSION})"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{path} lists no files")
-    for rel, entry in files.items():
-        _verify_file(root, rel, entry)
+    manifest = Manifest.from_json(data)
+    for rel, entry in manifest.files.items():
+        _check_present(root, rel, entry)
+    if verify:
+        verify_files(root, manifest, list(manifest.files))
     return manifest
 
 
-def _verify_file(root: Path, rel: str, entry: Any) -> None:
+def verify_files(root: Path, manifest: Manifest, rels: list[str]) -> None:
+    """Check the sha256 of ``rels`` (hashed in parallel; hashlib releases the GIL)."""
+    verifier = FileVerifier(root, manifest, rels)
+    verifier.wait()
+
+
+class FileVerifier:
+    """Hashes files on background threads from construction on; ``wait`` raises the first mismatch."""
+
+    def __init__(self, root: Path, manifest: Manifest, rels: list[str]):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(rels), os.cpu_count() or 1)))
+        self._futures: dict[str, Future] = {
+            rel: self._pool.submit(_check_hash, root, rel, manifest.files[rel]) for rel in rels
+        }
+        self._pool.shutdown(wait=False)
+
+    def wait(self, rels: list[str] | None = None) -> None:
+        """Block until ``rels`` (default: all) are hashed; ArtifactError for the first that differs."""
+        for rel in self._futures if rels is None else rels:
+            self._futures[rel].result()
+
+
+def _check_present(root: Path, rel: str, entry: FileEntry) -> None:
     target = (root / rel).resolve()
     if root.resolve() not in target.parents:
         raise ArtifactError(f"{MANIFEST} lists '{rel}', which lies outside the artifact")
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise ArtifactError(f"{MANIFEST} has a malformed entry for '{rel}'")
     if not target.is_file():
         raise ArtifactError(f"artifact file {rel} is missing")
     size = target.stat().st_size
-    if size != entry.get("bytes"):
-        raise ArtifactError(
-            f"artifact file {rel} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?)"
-        )
-    if sha256_file(target) != entry["sha256"]:
+    if size != entry.bytes:
+        raise ArtifactError(f"artifact file {rel} has {size} bytes, the manifest says {entry.bytes} (truncated?)")
+
+
+def _check_hash(root: Path, rel: str, entry: FileEntry) -> None:
+    if sha256_file(root / rel) != entry.sha256:
         raise ArtifactError(f"artifact file {rel} does not match its sha256 in the manifest (tampered or corrupt)")

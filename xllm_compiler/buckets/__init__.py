@@ -1,6 +1,9 @@
-"""Buckets: the per-shape graph cache the compiler builds (decode batch sizes, prefill token counts)."""
+"""Buckets: the per-shape graph cache the compiler builds (decode batch sizes, prefill token counts).
+
+``policy`` (which shapes) is shared with the runtime; ``specialize`` and ``traffic`` are compile-side
+and imported from their modules, so that reading an artifact does not load them.
+"""
 
 from xllm_compiler.buckets.policy import DECODE, PREFILL, Bucket, make_buckets
-from xllm_compiler.buckets.specialize import specialize
 
-__all__ = ["DECODE", "PREFILL", "Bucket", "make_buckets", "specialize"]
+__all__ = ["DECODE", "PREFILL", "Bucket", "make_buckets"]

@@ -16,10 +16,11 @@ from torch import fx
 
 from tests.passes.graphs import cached_build_graph, copy_graph_module
 from xllm_compiler import testing
-from xllm_compiler.artifact.graph_format import ARENA_PREFIX, ArenaBuffer
-from xllm_compiler.buckets import Bucket, make_buckets, specialize
+from xllm_compiler.artifact.graph_format import ArenaBuffer
+from xllm_compiler.buckets import Bucket, make_buckets
+from xllm_compiler.buckets.specialize import specialize
 from xllm_compiler.capture import capture
-from xllm_compiler.interface import STEP_INPUTS, kv_cache_input
+from xllm_compiler.interface import ARENA_PREFIX, STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import build_model, load_spec
 from xllm_compiler.options import DEFAULT_BLOCK_SIZE, DEFAULT_DECODE_BUCKETS, DEFAULT_PREFILL_BUCKETS, MAX_SEQ_LEN_CAP
 from xllm_compiler.passes import PassManager, bucket_pipeline, default_pipeline

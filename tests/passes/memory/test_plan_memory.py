@@ -35,8 +35,9 @@ from tests.passes.memory import (
     tiny_config_buckets,
 )
 from xllm_compiler import testing
-from xllm_compiler.artifact.graph_format import ARENA_PREFIX, read_memory_plan
-from xllm_compiler.interface import STEP_INPUTS
+from xllm_compiler.artifact.graph_format import read_memory_plan
+from xllm_compiler.artifact.manifest import read_manifest
+from xllm_compiler.interface import ARENA_PREFIX, STEP_INPUTS
 from xllm_compiler.ops import OUT_FORMS
 from xllm_compiler.passes.memory.liveness import Liveness, Storage
 from xllm_compiler.passes.memory.plan_memory import ALIGNMENT, Buffer, MemoryPlan, greedy_by_size, plan_memory
@@ -81,8 +82,8 @@ def _one_thread():
 
 def test_tiny_llama_report_has_a_memory_section_per_bucket(tiny_llama_artifact):
     report = json.loads((tiny_llama_artifact / "report.json").read_text())
-    manifest = json.loads((tiny_llama_artifact / "manifest.json").read_text())
-    names = [f"{b['phase']}_{b['num_tokens']}" for b in manifest["buckets"]]
+    graphs = read_manifest(tiny_llama_artifact).graph_files()
+    names = [name for name in graphs if name != "dynamic"]
     assert names == ["decode_1", "decode_2", "decode_4", "decode_8", *(f"prefill_{t}" for t in (32, 64, 128, 256, 512))]
     assert set(report["memory"]) == set(names)
     for name in names:
@@ -94,10 +95,10 @@ def test_tiny_llama_report_has_a_memory_section_per_bucket(tiny_llama_artifact):
 
 def test_tiny_llama_graph_files_carry_the_reported_plan(tiny_llama_artifact):
     report = json.loads((tiny_llama_artifact / "report.json").read_text())
-    manifest = json.loads((tiny_llama_artifact / "manifest.json").read_text())
+    graphs = read_manifest(tiny_llama_artifact).graph_files()
     fresh = {entry.bucket.name: entry.plan for entry in checkpoint_buckets().buckets}
     for name, summary in report["memory"].items():
-        data = json.loads((tiny_llama_artifact / manifest["graphs"][name]).read_text())
+        data = json.loads((tiny_llama_artifact / graphs[name]).read_text())
         arena_bytes, buffers = read_memory_plan(data, where=name)
         assert arena_bytes == summary["arena_bytes"] == data["memory_plan"]["arena_bytes"]
         assert {k: data["memory_plan"][k] for k in SUMMARY_KEYS} == summary
@@ -107,7 +108,7 @@ def test_tiny_llama_graph_files_carry_the_reported_plan(tiny_llama_artifact):
         assert {n: (b.offset, b.shape, b.dtype) for n, b in buffers.items()} == {
             n: (b.offset, b.shape, b.dtype) for n, b in plan.buffers.items()
         }
-    assert "memory_plan" not in json.loads((tiny_llama_artifact / manifest["graphs"]["dynamic"]).read_text())
+    assert "memory_plan" not in json.loads((tiny_llama_artifact / graphs["dynamic"]).read_text())
 
 
 @pytest.mark.parametrize("bucket", TINY_BUCKETS)
@@ -147,9 +148,9 @@ def llama_100m(tmp_path_factory):
 def test_llama_100m_plan_quality_on_every_bucket(llama_100m):
     _, artifact = llama_100m
     report = json.loads((artifact / "report.json").read_text())
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    graphs = read_manifest(artifact).graph_files()
     assert report["model"]["parameters"] > 60_000_000  # full width: the 32k x 768 embedding and LM head
-    names = [f"{b['phase']}_{b['num_tokens']}" for b in manifest["buckets"]]
+    names = [name for name in graphs if name != "dynamic"]
     assert names == ["decode_1", "decode_2", "decode_4", "decode_8", *(f"prefill_{t}" for t in (32, 64, 128, 256, 512))]
     assert set(report["memory"]) == set(names)
     ratios = {}
@@ -163,12 +164,12 @@ def test_llama_100m_plan_quality_on_every_bucket(llama_100m):
 def test_llama_100m_plans_never_overlap(llama_100m):
     """The same plans, made in process (where lifetimes are known): no two live buffers share a byte."""
     checkpoint, artifact = llama_100m
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    graphs = read_manifest(artifact).graph_files()
     model = checkpoint_buckets(checkpoint, keep=False)
-    assert [e.bucket.name for e in model.buckets] == [b for b in manifest["graphs"] if b != "dynamic"]
+    assert [e.bucket.name for e in model.buckets] == [name for name in graphs if name != "dynamic"]
     for entry in model.buckets:
         assert_no_overlap(f"llama-100m {entry.bucket.name}", entry.plan)
-        data = json.loads((artifact / manifest["graphs"][entry.bucket.name]).read_text())
+        data = json.loads((artifact / graphs[entry.bucket.name]).read_text())
         arena_bytes, buffers = read_memory_plan(data, where=entry.bucket.name)
         assert arena_bytes == entry.plan.arena_bytes
         assert {n: (b.offset, b.shape, b.dtype) for n, b in buffers.items()} == {
@@ -434,9 +435,9 @@ def unplanned_artifact(checkpoints):
 
 def test_unplanned_artifact_has_no_plan(unplanned_artifact):
     report = json.loads((unplanned_artifact / "report.json").read_text())
-    manifest = json.loads((unplanned_artifact / "manifest.json").read_text())
+    graphs = read_manifest(unplanned_artifact).graph_files()
     assert report["memory"] == {}
-    for rel in manifest["graphs"].values():
+    for rel in graphs.values():
         assert "memory_plan" not in json.loads((unplanned_artifact / rel).read_text())
     model = xllm_compiler.load(unplanned_artifact)
     assert model.memory_stats()["arena_bytes"] == 0 and model.memory_stats()["arena_bytes_per_bucket"] == {}
