@@ -98,6 +98,16 @@ class TensorParallelLayout:
 
 
 @dataclass(frozen=True)
+class LoweringRecord:
+    """The lowering table (runtime/platform/lowering.py) the graphs were planned for: an op whose ``*_out``
+    form has no kernel on that platform stays functional. Any platform may run them (every ``xllm::`` op
+    keeps its torch composite); this says which one they were planned for."""
+
+    platform: str
+    table_version: int
+
+
+@dataclass(frozen=True)
 class GraphInput:
     """One input of the graphs' calling convention (xllm_compiler.interface.STEP_INPUTS)."""
 
@@ -142,6 +152,7 @@ class Manifest:
     options: RequestedOptions
     model: ModelInfo
     target_device: str
+    lowering: LoweringRecord
     kv_cache: KVCacheLayout
     tensor_parallel: TensorParallelLayout
     inputs: list[GraphInput]
@@ -262,7 +273,7 @@ def decode(annotation: Any, value: Any, path: str) -> Any:
             except ArtifactError:
                 continue
         _fail(path, f"must be {_describe(annotation)}, got {value!r}")
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and annotation in _FIELD_TYPES:  # one of the records above
         if not isinstance(value, dict):
             _fail(path or "the manifest", f"must be an object, got {value!r}")
         hints = _FIELD_TYPES[annotation]
@@ -304,6 +315,7 @@ _FIELD_TYPES: dict[type, dict[str, Any]] = {
         ModelInfo,
         KVCacheLayout,
         TensorParallelLayout,
+        LoweringRecord,
         GraphInput,
         PassEntry,
         BucketEntry,
@@ -321,6 +333,7 @@ __all__ = [
     "FileEntry",
     "GraphInput",
     "KVCacheLayout",
+    "LoweringRecord",
     "Manifest",
     "ModelInfo",
     "PassEntry",
