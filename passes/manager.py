@@ -34,7 +34,7 @@ from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_
 from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projections
 from xllm_compiler.passes.fusion.select_rows_before_final_norm import select_rows_before_final_norm
 from xllm_compiler.passes.graph_pass import GraphPass
-from xllm_compiler.passes.memory.plan_memory import plan_memory
+from xllm_compiler.passes.memory.plan_memory import PlanMemory, PlanMemoryOptions, plan_memory
 
 
 def default_pipeline() -> list[GraphPass]:
@@ -59,8 +59,11 @@ def default_pipeline() -> list[GraphPass]:
     ]
 
 
-def bucket_pipeline(micro_batches: MicroBatchOptions | None = None) -> list[GraphPass]:
-    """Passes run on each bucket's specialised graph, where every size is known."""
+def bucket_pipeline(
+    micro_batches: MicroBatchOptions | None = None, memory: PlanMemoryOptions | None = None
+) -> list[GraphPass]:
+    """Passes run on each bucket's specialised graph, where every size is known (``memory``: the target
+    platform's out forms, from its lowering table)."""
     return [
         # Tensor-parallel graphs: two interleaved micro-batches, so one half's all-reduce is in flight
         # while the other half computes; collectives issued early and awaited late; what stays exposed
@@ -69,7 +72,7 @@ def bucket_pipeline(micro_batches: MicroBatchOptions | None = None) -> list[Grap
         reorder_collectives,
         fuse_all_reduce_add_rms_norm,
         # Place every intermediate in one arena, and make ops write there.
-        plan_memory,
+        plan_memory if memory is None else PlanMemory(memory),
     ]
 
 

@@ -381,7 +381,7 @@ def test_compile_help_shows_defaults_and_pass_names(capsys):
         "(default 1,2,4,8)",
         "(default 32,64,128,256,512",
         f"max_position_embeddings, capped at {MAX_SEQ_LEN_CAP}",
-        "tokens per KV-cache block (default 16)",
+        "tokens per KV-cache block (default 16; on npu 128",
         "(default 1)",
     ]:
         assert fragment in text, fragment

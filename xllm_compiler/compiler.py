@@ -30,6 +30,7 @@ from xllm_compiler.artifact.schema import (
     CreatedBy,
     FileEntry,
     KVCacheLayout,
+    LoweringRecord,
     Manifest,
     ModelInfo,
     PassEntry,
@@ -57,6 +58,7 @@ from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import ModelSpec, TensorParallel, build_model, load_spec
 from xllm_compiler.ops import native
 from xllm_compiler.options import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_DECODE_BUCKETS,
     DEFAULT_PREFILL_BUCKETS,
     MAX_SEQ_LEN_CAP,
@@ -66,10 +68,12 @@ from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, select
 from xllm_compiler.passes.comm.collectives import comm_report
 from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions
 from xllm_compiler.passes.manager import count_nodes
+from xllm_compiler.passes.memory.plan_memory import PlanMemoryOptions
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
 from xllm_compiler.runtime.memory_budget import kv_bytes_per_token, plan_load_memory
 from xllm_compiler.runtime.platform import get_platform
+from xllm_compiler.runtime.platform.lowering import Lowering
 from xllm_compiler.tokenizer_check import check_tokenizer
 
 #: Files of a checkpoint folder that define the model; their hashes make the source hash.
@@ -178,7 +182,7 @@ def _bucket_sizes(
 def plan_compile(
     model_dir: Path,
     options: CompileOptions,
-    device: str,
+    lowering: Lowering,
     passes: list[GraphPass],
     bucket_passes: list[GraphPass],
     cache: CompileCache,
@@ -200,7 +204,8 @@ def plan_compile(
             "torch": torch.__version__,
             "source_sha256": source,
             "dtype": str(dtype),
-            "device": device,
+            "device": lowering.platform,
+            "lowering": [lowering.platform, lowering.version],
             "max_seq_len": max_seq_len,
             "block_size": options.block_size,
             "tp": options.tp,
@@ -209,9 +214,29 @@ def plan_compile(
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
         }
     )
+    device = lowering.platform
     return CompilePlan(
         model_dir, spec, dtype, max_seq_len, buckets, device, passes, bucket_passes, source, trace, key, limits
     )
+
+
+def with_platform_block_size(options: CompileOptions, lowering: Lowering) -> CompileOptions:
+    """``options`` with a block size: the one asked for, else the smallest the platform's paged-attention
+    kernels take that is at least DEFAULT_BLOCK_SIZE (16 on cpu, 128 on npu)."""
+    if options.block_size is not None:
+        return options
+    multiple = lowering.block_size_multiple
+    return dataclasses.replace(options, block_size=-(-DEFAULT_BLOCK_SIZE // multiple) * multiple)
+
+
+def bucket_passes_for(options: CompileOptions, lowering: Lowering) -> list[GraphPass]:
+    """The bucket passes ``options`` select, memory planned for ``lowering``'s platform (an op whose out
+    form has no kernel there stays functional); OptionsError when its attention kernels cannot take
+    ``options.block_size``. The NPU audit (tests/test_npu_lowering_audit.py) plans through it on CPU."""
+    lowering.check_block_size(with_platform_block_size(options, lowering).block_size)
+    micro_batches = MicroBatchOptions(min_tokens=options.micro_batch_min_tokens)
+    memory = PlanMemoryOptions(out_forms=lowering.out_forms())
+    return select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline(micro_batches, memory))
 
 
 def compile_model(
@@ -225,13 +250,13 @@ def compile_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
+    options = with_platform_block_size(options, platform.lowering())
     passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
-    micro_batches = MicroBatchOptions(min_tokens=options.micro_batch_min_tokens)
-    bucket_passes = select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline(micro_batches))
+    bucket_passes = bucket_passes_for(options, platform.lowering())
     cache = resolve_cache(options)
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
-        plan = plan_compile(model_dir, options, platform.name, passes, bucket_passes, cache)
+        plan = plan_compile(model_dir, options, platform.lowering(), passes, bucket_passes, cache)
         report.sections["limits"] = plan.limits.to_json()
         report.sections["tokenizer"] = check_tokenizer(model_dir / TOKENIZER_FILE, plan.spec.vocab_size).to_json()
     if platform.name == "cpu" and native.needs_build():  # so the first load need not wait a minute for them
@@ -438,6 +463,7 @@ def _manifest(
             eos_token_ids=list(spec.eos_token_ids),
         ),
         target_device=plan.device,
+        lowering=LoweringRecord(plan.device, get_platform(plan.device).lowering().version),
         kv_cache=KVCacheLayout(block_size=options.block_size, reserved_blocks=RESERVED_BLOCKS),
         tensor_parallel=TensorParallelLayout(size=options.tp, weights=weight_files),
         inputs=calling_convention(),

@@ -45,8 +45,9 @@ class CompileOptions:
     """Passes to skip."""
     verify: bool = False
     """Run each pass's graph on sample inputs and compare with the graph before it."""
-    block_size: int = DEFAULT_BLOCK_SIZE
-    """Tokens per KV-cache block."""
+    block_size: int | None = None
+    """Tokens per KV-cache block; None means the target platform's default: DEFAULT_BLOCK_SIZE, or the
+    smallest multiple its paged-attention kernels take (128 on npu)."""
     debug_dump: str | None = None
     """Folder to write the graph's code to before and after every pass."""
     buckets_from: str | None = None
@@ -101,8 +102,8 @@ def make_options(**kwargs) -> CompileOptions:
         isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1
     ):
         raise OptionsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    block_size = kwargs.get("block_size", DEFAULT_BLOCK_SIZE)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    block_size = kwargs.get("block_size")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise OptionsError(f"block_size must be a positive integer, got {block_size!r}")
     passes = kwargs.get("passes")
     if isinstance(passes, str):

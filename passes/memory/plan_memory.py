@@ -7,9 +7,12 @@ against the lower bound (the peak of live bytes over the schedule, at the arena'
 and the naive sum.
 
 Then each planned op is switched to a form that writes into its arena buffer: ATen's ``out=``
-overload, or our ops' ``*_out`` forms (ops/__init__.py OUT_FORMS). An op with neither keeps
-allocating and is counted as unplanned. Buffers are ``get_attr`` nodes named ``arena.<value>``; the
-runtime binds them to views of the one arena it allocates at load (same addresses on every call).
+overload, or our ops' ``*_out`` forms (ops/__init__.py OUT_FORMS) where the target platform has a
+kernel for that form (``PlanMemoryOptions.out_forms``, from the platform's lowering table: on NPU only
+attention's). An op with neither keeps allocating and is counted as unplanned: on a device, its
+allocator (the graph pool, under graph replay) owns the result. Buffers are ``get_attr`` nodes named
+``arena.<value>``; the runtime binds them to views of the one arena it allocates at load (same
+addresses on every call).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import fx
 from xllm_compiler.dtypes import dtype_name
 from xllm_compiler.interface import ARENA_PREFIX
 from xllm_compiler.ops import OUT_FORMS
-from xllm_compiler.passes.graph_pass import PassResult, graph_pass
+from xllm_compiler.passes.graph_pass import GraphPass, PassResult
 from xllm_compiler.passes.memory.liveness import Liveness, Storage
 
 ALIGNMENT = 64
@@ -97,31 +100,49 @@ def _out_overload(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None
     return None
 
 
-def _xllm_out_form(target: Any) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
-    if not isinstance(target, torch._ops.OpOverload) or target.name() not in OUT_FORMS:
+@dataclass(frozen=True)
+class PlanMemoryOptions:
+    out_forms: tuple[str, ...] = tuple(sorted(OUT_FORMS))
+    """The ``xllm::`` ops (OUT_FORMS keys) that may become their ``*_out`` form: those the target platform
+    has a kernel for. The others stay functional, allocating their results."""
+
+
+def _xllm_out_form(target: Any, out_forms: tuple[str, ...]) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    if not isinstance(target, torch._ops.OpOverload) or target.name() not in out_forms:
         return None
     name, outs = OUT_FORMS[target.name()]
     return getattr(torch.ops.xllm, name.split("::")[1]).default, outs
 
 
-def _rewritable(node: fx.Node, liveness: Liveness) -> bool:
+def _rewritable(node: fx.Node, liveness: Liveness, out_forms: tuple[str, ...]) -> bool:
     """Whether every storage ``node`` allocates is plannable and the op has a form writing into it."""
     keys = [k for k in liveness.storages if k[0] is node]
     if not keys or any(k in liveness.pinned for k in keys):
         return False
-    if _xllm_out_form(node.target) is not None:
+    if _xllm_out_form(node.target, out_forms) is not None:
         return True
     return isinstance(node.target, torch._ops.OpOverload) and len(keys) == 1 and _out_overload(node.target) is not None
 
 
-@graph_pass("plan_memory", version=1)
-def plan_memory(gm: fx.GraphModule) -> PassResult:
+class PlanMemory(GraphPass):
     """Plan a bucket graph's activations into one arena (gm.meta['memory_plan'])."""
-    if "memory_plan" in gm.meta:
-        return PassResult(changed=False)  # planned already: its buffers are in the graph
+
+    name = "plan_memory"
+    version = 1
+
+    def __init__(self, options: PlanMemoryOptions | None = None):
+        self.options = options or PlanMemoryOptions()
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if "memory_plan" in gm.meta:
+            return PassResult(changed=False)  # planned already: its buffers are in the graph
+        return _plan(gm, self.options.out_forms)
+
+
+def _plan(gm: fx.GraphModule, out_forms: tuple[str, ...]) -> PassResult:
     liveness = Liveness(gm)
     candidates = {s.key[0] for s in liveness.planned() if s.key[0].op == "call_function"}
-    rewritable = {node for node in candidates if _rewritable(node, liveness)}
+    rewritable = {node for node in candidates if _rewritable(node, liveness, out_forms)}
     storages = [s for s in liveness.planned() if s.key[0] in rewritable]
     offsets, arena_bytes = greedy_by_size(storages)
     plan = MemoryPlan(
@@ -149,9 +170,12 @@ def plan_memory(gm: fx.GraphModule) -> PassResult:
         buffer.meta["val"] = value[index] if isinstance(value, (list, tuple)) else value
         buffers[storage.key] = buffer
     for node in sorted(rewritable):
-        _write_into(graph, node, buffers)
+        _write_into(graph, node, buffers, out_forms)
     gm.meta["memory_plan"] = plan
     return PassResult(changed=bool(rewritable), matches=len(rewritable))
+
+
+plan_memory = PlanMemory()
 
 
 def _unique(name: str, holder: torch.nn.Module) -> str:
@@ -161,16 +185,20 @@ def _unique(name: str, holder: torch.nn.Module) -> str:
     return candidate
 
 
-def _write_into(graph: fx.Graph, node: fx.Node, buffers: dict[Any, fx.Node]) -> None:
+def _write_into(graph: fx.Graph, node: fx.Node, buffers: dict[Any, fx.Node], out_forms: tuple[str, ...]) -> None:
     """Switch ``node`` to its out form, writing into its planned buffer(s)."""
-    xllm_form = _xllm_out_form(node.target)
+    op = node.target
+    assert isinstance(op, torch._ops.OpOverload)  # _rewritable's contract
+    xllm_form = _xllm_out_form(op, out_forms)
     if xllm_form is None:
-        node.target = _out_overload(node.target)
+        out_op = _out_overload(op)
+        assert out_op is not None
+        node.target = out_op
         node.kwargs = {**node.kwargs, "out": buffers[(node, 0)]}
         return
     target, outs = xllm_form
     outputs = [buffers[(node, i)] for i in range(len(outs))]
-    names = [a.name for a in node.target._schema.arguments]
+    names = [a.name for a in op._schema.arguments]
     arguments = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     node.target = target
     node.args = ()
@@ -180,6 +208,8 @@ def _write_into(graph: fx.Graph, node: fx.Node, buffers: dict[Any, fx.Node]) -> 
     else:
         for user in list(node.users):
             if user.target is operator.getitem:
-                user.replace_all_uses_with(outputs[user.args[1]])
+                index = user.args[1]
+                assert isinstance(index, int)
+                user.replace_all_uses_with(outputs[index])
                 graph.erase_node(user)
     node.meta["val"] = None

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from xllm_compiler.runtime.platform.lowering import Lowering, composite_lowering
+from xllm_compiler.runtime.replay import RunnerFactory
 from xllm_compiler.runtime.weights import PrepareWeight
 
 #: Where a container's memory limit and use are found (cgroup v2, then v1).
@@ -63,6 +65,11 @@ class Platform:
         """The device's memory, which max_memory_utilization is a share of."""
         raise NotImplementedError
 
+    def lowering(self) -> Lowering:
+        """The kernel each ``xllm::`` op runs as here (runtime/platform/lowering.py): what the compiler plans
+        memory for and the manifest records; the default, every op as its torch composite."""
+        return composite_lowering(self.name)
+
     def register_kernels(self) -> None:
         """Bind the ``xllm::`` ops to this device's fused kernels, where it has them (idempotent)."""
 
@@ -73,3 +80,8 @@ class Platform:
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         """Rewrite loaded graphs (and their weights) in place for this device; the default keeps them."""
+
+    def graph_runner(self) -> RunnerFactory | None:
+        """How this device runs a bucket graph: a factory of captured, replayed graphs (runtime/replay.py),
+        or None, the default, to run every graph eagerly."""
+        return None

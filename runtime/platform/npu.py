@@ -1,94 +1,299 @@
-"""Ascend NPU through torch_npu (an optional extra: ``pip install xllm-compiler[npu]``).
+"""Ascend NPU through torch_npu (the ``npu`` extra: ``pip install 'xllm-compiler[npu]'``, on a machine with
+the CANN toolkit, and the NNAL/ATB package for the paged-attention kernels).
 
-torch_npu is imported only when this platform is used. ``register_kernels`` binds our ``xllm::`` ops
-to torch_npu's fused kernels for the "npu" device:
+torch_npu is imported only when this platform is asked for, and a failed import is named precisely:
+without CANN, ``import torch_npu`` raises an ImportError on libhccl.so (torch's backend autoload would
+turn that into a RuntimeError inside ``import torch``; xllm_compiler/__init__.py opts out of the
+autoload, so CPU use never depends on the NPU stack). Every outcome of the import is cached: importing
+a half-loaded torch_npu a second time fails differently.
 
-    xllm::rms_norm            -> torch_npu.npu_rms_norm(x, gamma, epsilon)[0]
-    xllm::fused_add_rms_norm  -> torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2)
-    xllm::silu_and_mul        -> torch_npu.npu_swiglu(gate_up, dim=-1)
-    xllm::rotary_embedding    -> torch_npu.npu_rotary_mul on [1, T, heads, D] (BSND) with cos/sin [1, T, 1, D]
-    xllm::write_kv_cache      -> torch_npu._npu_reshape_and_cache(key, value, key_cache, value_cache, slots)
+Lowering follows lowering.py's ``NPU_LOWERING``, one entry per ``xllm::`` op. ``register_kernels``
+binds the ops that run one kernel in every graph to it for the "npu" dispatch key. ``lower`` rewrites
+attention per graph: decode buckets run ``_npu_paged_attention`` (one query token per sequence),
+prefill buckets and the dynamic fallback ``npu_fused_infer_attention_score`` over the paged cache
+(TND layout, causal), both after ``_npu_reshape_and_cache``. A step with a sliding window (neither
+kernel's documented decode path takes one) or a micro-batch half (``token_offset``: the kernels attend
+whole steps) keeps the torch composite.
 
-``xllm::paged_attention`` keeps its torch composite on NPU for now (its cache write goes through
-the kernel above); a fused NPU attention kernel (npu_fused_infer_attention_score) is future work.
-
-Untested here: the project's machines have no NPU, so no result on an NPU is claimed anywhere in this
-repository, and these mappings follow torch_npu's documented signatures only.
+Untested here: this project's machines have no NPU and no CANN. What is tested on CPU is the import
+diagnosis (tests/runtime/test_npu_platform.py), the table's coverage of every op a graph can hold, and
+the memory plan and manifest an NPU compile produces (tests/test_npu_lowering_audit.py). Every kernel
+call below follows torch_npu 2.13.0's documented signatures (lowering.py cites them) and nothing
+more: no result on an NPU is claimed anywhere in this repository.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
+import re
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
+from torch import fx
 
+from xllm_compiler.errors import DeviceError
+from xllm_compiler.ops import attention
 from xllm_compiler.runtime.platform.base import Platform
+from xllm_compiler.runtime.platform.lowering import DECODE, NPU_LOWERING, PREFILL, Lowering
+from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory, TorchairRunner
 
-_registered = False
+CANN_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+_MISSING_LIBRARY = re.compile(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file")
+#: npu_fused_infer_attention_score's sparse_mode 3 (causal, bottom-right aligned) takes this mask size.
+_CAUSAL_MASK_SIZE = 2048
+
+
+@functools.cache
+def import_torch_npu() -> tuple[ModuleType | None, str | None]:
+    """(torch_npu, None) when it loads, else (None, why not: one line naming what is missing)."""
+    try:
+        return importlib.import_module("torch_npu"), None
+    except (ImportError, OSError, RuntimeError) as exc:
+        return None, import_problem(exc)
+
+
+def import_problem(exc: BaseException) -> str:
+    """What a failed ``import torch_npu`` says about the machine."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "torch_npu":
+        return "device 'npu' needs torch_npu, which is not installed (pip install 'xllm-compiler[npu]')"
+    try:
+        version: str | None = importlib.metadata.version("torch_npu")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    installed = f"device 'npu': torch_npu {version or '(version unknown)'} is installed but"
+    library = _missing_library(exc)
+    if library is not None:
+        return (
+            f"{installed} cannot load {library}: the CANN toolkit is not installed or not sourced (source {CANN_ENV})"
+        )
+    if version is not None and version.split(".")[:2] != torch.__version__.split(".")[:2]:
+        return (
+            f"{installed} is built for another torch than this {torch.__version__} (pip install 'xllm-compiler[npu]')"
+        )
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{installed} failed to import ({type(exc).__name__}: {detail})"
+
+
+def _missing_library(exc: BaseException | None) -> str | None:
+    """The shared library ``exc`` (or an exception it was raised from) could not open."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        match = _MISSING_LIBRARY.search(str(exc))
+        if match:
+            return match.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _torch_npu() -> ModuleType:
+    npu, problem = import_torch_npu()
+    if npu is None:
+        raise DeviceError(problem)
+    return npu
 
 
 class NpuPlatform(Platform):
     name = "npu"
 
-    def _torch_npu(self):
-        return importlib.import_module("torch_npu")
-
     def is_available(self) -> bool:
-        try:
-            self._torch_npu()
-        except ImportError:
+        npu, _ = import_torch_npu()
+        if npu is None:
             return False
-        return bool(torch.npu.is_available())
+        try:
+            return bool(npu.npu.is_available())
+        except RuntimeError:  # a driver that torch_npu loaded but cannot talk to
+            return False
 
     def unavailable_reason(self) -> str:
-        try:
-            self._torch_npu()
-        except ImportError:
-            return "device 'npu' needs torch_npu, which is not installed (pip install xllm-compiler[npu])"
-        return "device 'npu' is not available (torch_npu found no Ascend device)"
+        _, problem = import_torch_npu()
+        if problem is not None:
+            return problem
+        return (
+            "device 'npu' is not available (torch_npu loaded but finds no Ascend device: check the driver, "
+            "npu-smi info, and ASCEND_RT_VISIBLE_DEVICES)"
+        )
 
     def synchronize(self) -> None:
-        torch.npu.synchronize()
+        _torch_npu().npu.synchronize()
 
     def free_memory_bytes(self) -> int:
-        return int(torch.npu.mem_get_info()[0])
+        return int(_torch_npu().npu.mem_get_info()[0])
 
     def total_memory_bytes(self) -> int:
-        return int(torch.npu.mem_get_info()[1])
+        return int(_torch_npu().npu.mem_get_info()[1])
+
+    def lowering(self) -> Lowering:
+        return NPU_LOWERING
 
     def register_kernels(self) -> None:
-        global _registered
-        if _registered:
+        """Bind every op the table gives one kernel for all graphs (idempotent)."""
+        _register_kernels()
+
+    def graph_runner(self) -> RunnerFactory:
+        """Bucket graphs compiled by torchair (aclgraph capture, replayed: runtime/replay.py), except those
+        whose attention is prefill's npu_fused_infer_attention_score, which takes the lengths as host int
+        lists and so cannot be captured: those run eagerly. Untested here (no NPU)."""
+
+        def runner(module: fx.GraphModule) -> GraphRunner:
+            reads_host = any(node.target is _prefill for node in module.graph.nodes)
+            return module if reads_host else TorchairRunner(module)
+
+        return runner
+
+    def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
+        """Attention by phase: decode buckets (named 'decode_<n>') run the decode kernel, the rest prefill's."""
+        for name, graph in graphs.items():
+            kernels = PHASE_KERNELS[DECODE if name.split("_")[0] == DECODE else PREFILL]
+            for node in graph.nodes:
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                    node.target = kernels.get(node.target.name(), node.target)
+
+
+@functools.cache
+def _register_kernels() -> None:
+    for op, kernels in NPU_LOWERING.kernels.items():
+        if all(k.phase is None for k in kernels):
+            torch.library.register_kernel(op, "npu", KERNELS[op])
+
+
+# -- the kernels: NPU_LOWERING's entries, in torch_npu's calling conventions ---------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _torch_npu().npu_rms_norm(x, weight, epsilon=eps)[0]
+
+
+def _fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _rstd, summed = _torch_npu().npu_add_rms_norm(x, residual, weight, eps)
+    return y, summed
+
+
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return _torch_npu().npu_swiglu(gate_up, dim=-1)
+
+
+def _rotary_embedding(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    npu = _torch_npu()
+    cos4, sin4 = cos.unsqueeze(0), sin.unsqueeze(0)  # [T, 1, D] -> [1, T, 1, D]: BSND with B = 1
+    q = npu.npu_rotary_mul(query.unsqueeze(0), cos4, sin4).squeeze(0)
+    k = npu.npu_rotary_mul(key.unsqueeze(0), cos4, sin4).squeeze(0)
+    return q, k
+
+
+def _write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _torch_npu()._npu_reshape_and_cache(
+        key=key, value=value, key_cache=kv_cache[0], value_cache=kv_cache[1], slot_indices=slot_mapping.int()
+    )
+
+
+def _all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    funcol = torch.ops._c10d_functional
+    reduced = funcol.wait_tensor.default(funcol.all_reduce.default(x, "sum", group_name))
+    return _fused_add_rms_norm(reduced, residual, weight, eps)
+
+
+def _decode(query, kv_cache, seq_lens, block_tables, scale, out, **_) -> None:
+    """Row i of a decode bucket is sequence i's one new token; ``seq_lens`` counts its context with it.
+    Padding sequences (length 0) get zero rows, as the composite gives them. Unchecked: ATB reads
+    ``context_lens`` on the host (vllm-ascend passes a CPU tensor; under aclgraph capture torch_npu
+    re-feeds it at each replay, torch_npu/npu/_npugraph_handlers/simple_handler.py); here it is the graph
+    input, wherever the runtime put it."""
+    _torch_npu()._npu_paged_attention(
+        query=query,
+        key_cache=kv_cache[0],
+        value_cache=kv_cache[1],
+        num_kv_heads=kv_cache.shape[-2],
+        num_heads=query.shape[1],
+        scale_value=scale,
+        block_table=block_tables,
+        context_lens=seq_lens,
+        out=out,
+    )
+    out.masked_fill_((seq_lens == 0)[:, None, None], 0)
+
+
+@functools.cache
+def _causal_mask(device: torch.device) -> torch.Tensor:
+    """sparse_mode 3's mask: true above the diagonal (masked), the size the kernel's docs require."""
+    ones = torch.ones(_CAUSAL_MASK_SIZE, _CAUSAL_MASK_SIZE, dtype=torch.bool, device=device)
+    return torch.triu(ones, diagonal=1)
+
+
+def _prefill(query, kv_cache, query_lens, seq_lens, block_tables, scale, out, **_) -> None:
+    """The step's prompts packed back to back (TND), each over its paged context; padding rows zeroed.
+    The kernel takes the lengths as int lists: they are read on the host here."""
+    num_blocks, block_size, num_kv_heads = kv_cache.shape[1:4]
+    ends = query_lens.cumsum(0).tolist()
+    total = ends[-1] if ends else 0
+    attended, _lse = _torch_npu().npu_fused_infer_attention_score(
+        query[:total],
+        kv_cache[0].view(num_blocks, block_size, -1),
+        kv_cache[1].view(num_blocks, block_size, -1),
+        atten_mask=_causal_mask(query.device),
+        actual_seq_lengths=ends,
+        actual_seq_lengths_kv=seq_lens.tolist(),
+        block_table=block_tables,
+        num_heads=query.shape[1],
+        scale=scale,
+        input_layout="TND",
+        num_key_value_heads=num_kv_heads,
+        sparse_mode=3,
+        block_size=block_size,
+    )
+    out[:total] = attended
+    out[total:].zero_()
+
+
+#: xllm::paged_attention's arguments, in its schema's order.
+_ATTENTION_ARGS = (
+    "query", "key", "value", "kv_cache", "slot_mapping", "query_lens", "seq_lens", "block_tables", "scale",
+    "sliding_window", "token_offset",
+)  # fmt: skip
+
+
+def _attention_kernels(fused: Callable[..., None]) -> dict[str, Callable]:
+    """xllm::paged_attention and its out form over ``fused``, after the cache write; a sliding window or a
+    micro-batch half (token_offset) keeps the composite."""
+
+    def paged_attention_out(**args) -> None:
+        if args["sliding_window"] > 0 or args.get("token_offset", 0):
+            attention.paged_attention_out_kernel(**args)
             return
-        npu = self._torch_npu()
+        _write_kv_cache(args["key"], args["value"], args["kv_cache"], args["slot_mapping"])
+        fused(**args)
 
-        def rms_norm(x, weight, eps):
-            return npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+    def paged_attention(*args, **kwargs) -> torch.Tensor:
+        bound = {**dict(zip(_ATTENTION_ARGS, args, strict=False)), **kwargs}
+        out = torch.empty_like(bound["query"])
+        paged_attention_out(out=out, **bound)
+        return out
 
-        def fused_add_rms_norm(x, residual, weight, eps):
-            y, _rstd, summed = npu.npu_add_rms_norm(x, residual, weight, eps)
-            return y, summed
+    return {"xllm::paged_attention": paged_attention, "xllm::paged_attention_out": paged_attention_out}
 
-        def silu_and_mul(gate_up):
-            return npu.npu_swiglu(gate_up, dim=-1)
 
-        def rotary_embedding(query, key, cos, sin):
-            cos4, sin4 = cos.unsqueeze(0), sin.unsqueeze(0)
-            q = npu.npu_rotary_mul(query.unsqueeze(0), cos4, sin4).squeeze(0)
-            k = npu.npu_rotary_mul(key.unsqueeze(0), cos4, sin4).squeeze(0)
-            return q, k
+#: The kernel of each op that runs one kernel in every graph (registered for the "npu" key).
+KERNELS: dict[str, Callable] = {
+    "xllm::rms_norm": _rms_norm,
+    "xllm::fused_add_rms_norm": _fused_add_rms_norm,
+    "xllm::silu_and_mul": _silu_and_mul,
+    "xllm::rotary_embedding": _rotary_embedding,
+    "xllm::write_kv_cache": _write_kv_cache,
+    "xllm::all_reduce_add_rms_norm": _all_reduce_add_rms_norm,
+}
+#: Attention's kernels by phase (``lower`` puts them in the graphs).
+PHASE_KERNELS: dict[str, dict[str, Callable]] = {
+    DECODE: _attention_kernels(_decode),
+    PREFILL: _attention_kernels(_prefill),
+}
 
-        def write_kv_cache(key, value, kv_cache, slot_mapping):
-            npu._npu_reshape_and_cache(
-                key=key, value=value, key_cache=kv_cache[0], value_cache=kv_cache[1], slot_indices=slot_mapping.int()
-            )
-
-        for name, kernel in {
-            "xllm::rms_norm": rms_norm,
-            "xllm::fused_add_rms_norm": fused_add_rms_norm,
-            "xllm::silu_and_mul": silu_and_mul,
-            "xllm::rotary_embedding": rotary_embedding,
-            "xllm::write_kv_cache": write_kv_cache,
-        }.items():
-            torch.library.register_kernel(name, "npu", kernel)
-        _registered = True
+__all__ = ["CANN_ENV", "KERNELS", "PHASE_KERNELS", "NpuPlatform", "import_problem", "import_torch_npu"]
