@@ -38,7 +38,7 @@ class Engine:
         inputs = build_step_inputs(
             work, choice.num_tokens, choice.num_seqs, self.block_size, self.max_blocks_per_seq, self.device
         )
-        outputs = self.graphs.module(choice.graph)(*(inputs[s.name] for s in STEP_INPUTS), *self.kv_cache.layers)
+        outputs = self.graphs.runner(choice.graph)(*(inputs[s.name] for s in STEP_INPUTS), *self.kv_cache.layers)
         for seq, count in work:
             seq.num_computed += count
         return outputs[0][: len(work)].float().cpu()

@@ -5,7 +5,9 @@ a graph's executable GraphModule is built when a step first needs it, and at mos
 of them stay built (least recently used go first; a later step builds them again).
 
 Bucket graphs write their intermediates into views of one activation arena (sized for the largest
-plan), bound as the graph's ``arena.*`` attributes.
+plan), bound as the graph's ``arena.*`` attributes. On a platform that replays graphs, a step runs a
+bucket graph through its runner (captured on first use, runtime/replay.py), which is dropped with it;
+the fallback graph always runs eagerly.
 
 Counters (``CompiledModel.stats()``): ``hits`` (a step ran on a resident bucket graph), ``misses``
 (its bucket graph had to be built first), ``fallbacks`` (no bucket held the step), ``padded_tokens``
@@ -23,6 +25,7 @@ from torch import fx
 from xllm_compiler.artifact.schema import FALLBACK_GRAPH as FALLBACK
 from xllm_compiler.buckets.policy import Bucket
 from xllm_compiler.errors import ArtifactError, OptionsError
+from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class GraphCache:
         arena: torch.Tensor | None = None,
         arena_views: dict[str, dict[str, torch.Tensor]] | None = None,
         arena_plans: dict[str, int] | None = None,
+        replay: RunnerFactory | None = None,
     ):
         if FALLBACK not in graphs:
             raise ArtifactError(f"the artifact has no '{FALLBACK}' fallback graph")
@@ -63,6 +67,8 @@ class GraphCache:
         self._graphs = graphs
         self._weights = weights
         self._resident: OrderedDict[str, fx.GraphModule] = OrderedDict()
+        self._replay = replay
+        self._runners: dict[str, GraphRunner] = {}
         self.max_resident = max_resident
         self.buckets = sorted(buckets, key=lambda b: (b.num_tokens, b.num_seqs))
         self.counters: Counter[str] = Counter()
@@ -88,8 +94,18 @@ class GraphCache:
         self._resident[name] = module
         if self.max_resident is not None:
             while len(self._resident) > self.max_resident:
-                self._resident.popitem(last=False)
+                self._runners.pop(self._resident.popitem(last=False)[0], None)
         return module
+
+    def runner(self, name: str) -> GraphRunner:
+        """What a step calls to run graph ``name``: its replayed form where the platform has one and ``name``
+        is a bucket graph, else the module itself."""
+        module = self.module(name)
+        if self._replay is None or name == FALLBACK:
+            return module
+        if name not in self._runners:
+            self._runners[name] = self._replay(module)
+        return self._runners[name]
 
     def resident(self) -> list[str]:
         return list(self._resident)

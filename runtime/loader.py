@@ -32,6 +32,7 @@ from xllm_compiler.runtime.memory_budget import plan_load_memory
 from xllm_compiler.runtime.model import CompiledModel
 from xllm_compiler.runtime.parallel import TensorParallelGroup
 from xllm_compiler.runtime.platform import get_platform
+from xllm_compiler.runtime.replay import runner_factory
 from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.weights import PrepareWeight, read_weights
 
@@ -113,7 +114,7 @@ def load(
     platform.lower(graphs, weights)
     buckets = [b.bucket for b in manifest.buckets]
     plans = {name: size for name, (_, size, _) in read.items() if size}
-    cache = GraphCache(graphs, buckets, weights, max_resident_graphs, arena, views, plans)
+    cache = GraphCache(graphs, buckets, weights, max_resident_graphs, arena, views, plans, runner_factory(platform))
 
     model = manifest.model
     kv_cache = KVCache(

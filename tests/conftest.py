@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints (transformers is the oracle) and compiled artifacts.
 
-The one marker, ``distributed``, is described in tests/README.md.
+The markers (``distributed``, ``gpu``, ``npu``) are described in tests/README.md; ``gpu`` and ``npu`` tests
+are skipped where that device is not available.
 """
 
 from __future__ import annotations
@@ -10,6 +11,24 @@ import os
 import pytest
 
 from tests.hf_oracle import TinyCheckpoints
+from xllm_compiler.runtime.platform import PLATFORMS
+
+#: Device markers and the platform each needs (runtime/platform: the runtime's own availability check).
+DEVICE_MARKERS = {"gpu": "cuda", "npu": "npu"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip a ``gpu``/``npu`` test where its device is absent; a platform is asked only if a test needs it."""
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        for marker, device in DEVICE_MARKERS.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in reasons:
+                platform = PLATFORMS[device]()
+                reasons[marker] = None if platform.is_available() else platform.unavailable_reason()
+            if reasons[marker] is not None:
+                item.add_marker(pytest.mark.skip(reason=reasons[marker]))
 
 
 @pytest.fixture(scope="session")

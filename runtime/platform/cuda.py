@@ -1,5 +1,8 @@
 """CUDA: torch's CUDA backend; ``xllm::`` ops use their torch composites (SDPA picks flash/mem-efficient).
 
+Bucket graphs are captured as CUDA graphs on first use and replayed (runtime/replay.py); the dynamic
+fallback graph runs eagerly. ``XLLM_GRAPH_REPLAY=0`` runs every graph eagerly.
+
 Not exercised on this project's CPU-only CI machines: nothing here has been measured on a GPU unless
 a closing note says so.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from xllm_compiler.runtime.platform.base import Platform
+from xllm_compiler.runtime.replay import RunnerFactory, cuda_graph_runners
 
 
 class CudaPlatform(Platform):
@@ -28,3 +32,6 @@ class CudaPlatform(Platform):
 
     def total_memory_bytes(self) -> int:
         return int(torch.cuda.mem_get_info()[1])
+
+    def graph_runner(self) -> RunnerFactory:
+        return cuda_graph_runners()
