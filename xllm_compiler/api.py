@@ -1,4 +1,4 @@
-"""The public Python API: ``compile`` and ``load``, thin layers over the compiler and the runtime."""
+"""The public Python API: ``compile``, ``load`` and ``export_onnx``, thin layers over the compiler and the runtime."""
 
 from __future__ import annotations
 
@@ -42,3 +42,12 @@ def load(
         max_resident_graphs=max_resident_graphs,
         max_memory_utilization=max_memory_utilization,
     )
+
+
+def export_onnx(out_dir: str | Path, path: str | Path, phase: str, num_tokens: int) -> Path:
+    """Write the ``phase`` ("decode" or "prefill") bucket of ``num_tokens`` tokens of the artifact ``out_dir``
+    as the ONNX model ``path``, KV caches as explicit inputs and outputs; see ``xllm_compiler.onnx``.
+    Needs the ``onnx`` extra; raises ``OptionsError`` for a bucket the artifact does not have."""
+    from xllm_compiler.onnx import export_onnx as _export  # imports onnx/onnxscript: only when exporting
+
+    return _export(out_dir, path, phase, num_tokens)

@@ -67,9 +67,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument(
         "--block-size",
         type=int,
-        default=DEFAULT_BLOCK_SIZE,
         metavar="N",
-        help="tokens per KV-cache block (default %(default)s)",
+        help=f"tokens per KV-cache block (default {DEFAULT_BLOCK_SIZE}; on npu 128, what its paged kernels take)",
     )
     parser.add_argument(
         "--tp", type=int, default=1, metavar="N", help="tensor-parallel degree, run with torchrun (default %(default)s)"
@@ -108,6 +107,11 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor fill the compile cache")
     parser.add_argument("--debug-dump", metavar="DIR", help="write the graph before and after every pass to DIR")
+    parser.add_argument(
+        "--export-onnx",
+        metavar="DIR",
+        help="also write every bucket's graph as DIR/<bucket>.onnx (needs the onnx extra; README: ONNX export)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -242,12 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.quiet:
             compile_model(args.model_dir, args.out_dir, options)
-            return EXIT_OK
-        console = Console(stderr=True)
-        with RichStageListener(console) as listener:
-            report = compile_model(args.model_dir, args.out_dir, options, listener=listener)
-        Console().print(summary(report, Path(args.out_dir)))
-        Console().print(f"artifact written to {args.out_dir}")
+        else:
+            console = Console(stderr=True)
+            with RichStageListener(console) as listener:
+                report = compile_model(args.model_dir, args.out_dir, options, listener=listener)
+            Console().print(summary(report, Path(args.out_dir)))
+            Console().print(f"artifact written to {args.out_dir}")
+        if args.export_onnx:
+            from xllm_compiler.onnx import export_artifact
+
+            written = export_artifact(args.out_dir, args.export_onnx)
+            if not args.quiet:
+                Console().print(f"ONNX written to {args.export_onnx}: {', '.join(p.name for p in written)}")
         return EXIT_OK
 
     return guarded("xllm-compile", body, args.debug)
