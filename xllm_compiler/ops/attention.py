@@ -7,8 +7,15 @@ sequence ``s`` owning ``query_lens[s]`` of them. Its keys and values live in fix
 the same call with different lengths. Tokens past ``sum(query_lens)`` are padding: their K/V go to the
 reserved slot their ``slot_mapping`` names (block 0) and their output is zero.
 
-The kernels here are torch composites (scaled_dot_product_attention with GQA), used on every device
-that has no fused kernel registered by the platform layer.
+Two torch implementations, both used on devices that have no fused kernel registered by the platform layer:
+
+- ``capture_safe_paged_attention_out`` runs everywhere but on the CPU, and is the reference: the metadata
+  stay tensors on the device and are never read back to the host, and every shape depends only on static
+  sizes (num_tokens, num_seqs, the block table's width), so graph capture (CUDA graphs, aclgraph) can
+  record it. tests/test_capture_safety.py audits it in every bucket graph.
+- On the CPU, where the host is the device and nothing is captured, the native decode kernel and a
+  per-sequence loop over the actual lengths (``_host_paged_attention_out``) attend over only the keys
+  that exist: faster, and not capture-safe.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import torch.nn.functional as F
 from xllm_compiler.ops.native import native_kernels
 
 __all__ = [
+    "CAPTURE_SAFE_KERNELS",
+    "capture_safe_paged_attention",
+    "capture_safe_paged_attention_out",
     "paged_attention",
     "paged_attention_kernel",
     "paged_attention_out",
@@ -123,6 +133,96 @@ def _store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_
         torch.ops.xllm.write_kv_cache.default(key, value, kv_cache, slot_mapping)
 
 
+def _token_layout(
+    query_lens: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, token_offset: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows [token_offset, token_offset + num_tokens) of the step: each token's sequence, its position
+    in that sequence, and whether it is a real token (not padding); [num_tokens] each, all on the device.
+
+    Sequence s owns the tokens [ends[s] - query_lens[s], ends[s]); searchsorted finds, for each token, the
+    first sequence whose end lies beyond it (zero-length sequences own nothing and are skipped).
+    Padding tokens are given sequence num_seqs - 1 and position 0, so that they see one key and their
+    softmax stays finite; their output is zeroed afterwards.
+    """
+    ends = torch.cumsum(query_lens, 0)
+    tokens = torch.arange(token_offset, token_offset + num_tokens, device=query_lens.device, dtype=ends.dtype)
+    owner = torch.searchsorted(ends, tokens, right=True)
+    real = owner < query_lens.shape[0]
+    owner = owner.clamp(max=query_lens.shape[0] - 1)
+    position = (seq_lens - ends).index_select(0, owner) + tokens
+    return owner, torch.where(real, position, 0), real
+
+
+def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
+    """Which keys each query sees: causal, and within the sliding window when there is one."""
+    mask = key_pos <= query_pos
+    if sliding_window > 0:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def _contexts(kv_cache: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of every row of ``tables`` [G, max_blocks], as [G, max_blocks * block_size, Hkv, D]:
+    position p of a row sits at index p (blocks past a sequence's end are gathered and masked off)."""
+    rows, width = tables.shape
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    flat = tables.reshape(-1)
+    shape = (rows, width * block_size, num_kv_heads, head_dim)
+    return kv_cache[0].index_select(0, flat).view(shape), kv_cache[1].index_select(0, flat).view(shape)
+
+
+def _one_context_per_token(num_tokens: int, num_seqs: int, num_heads: int, kv_width: int) -> bool:
+    """Whether gathering one context per token moves fewer values than attending every token over all
+    contexts. Per context position: T gathered key/value rows and T * H scores, against S rows and
+    S * T * H scores (``kv_width`` = Hkv * D, the width of one key row)."""
+    return num_tokens * (num_heads + 2 * kv_width) <= num_seqs * (num_tokens * num_heads + 2 * kv_width)
+
+
+def capture_safe_paged_attention_out(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+    out: torch.Tensor,
+    token_offset: int = 0,
+) -> None:
+    """paged_attention_out as tensor ops of static shapes: capture-safe (see the module docstring).
+
+    Every context is gathered to the block table's full width L and masked; of two layouts, the one that
+    moves fewer values for these static sizes is taken: one context per token (queries [T, H, 1, D] against
+    [T, Hkv, L, D]: decode, where T is about S) or all S contexts side by side for every token (queries
+    [1, H, T, D] against [1, Hkv, S * L, D]: prefill of few sequences). Both cost more than the CPU path,
+    which attends over only the keys that exist: the price of shapes that do not depend on the lengths.
+    """
+    _store(key, value, kv_cache, slot_mapping)
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = block_tables.shape[0]
+    owner, position, real = _token_layout(query_lens, seq_lens, num_tokens, token_offset)
+    per_token = _one_context_per_token(num_tokens, num_seqs, num_heads, kv_cache.shape[3] * head_dim)
+    keys, values = _contexts(kv_cache, block_tables.index_select(0, owner) if per_token else block_tables)
+    key_pos = torch.arange(keys.shape[1], device=query.device)
+    if per_token:
+        q = query[:, :, None, :]  # [T, H, 1, D]
+        mask = _visible(key_pos[None, :], position[:, None], sliding_window)[:, None, None, :]  # [T, 1, 1, L]
+    else:
+        q = query.transpose(0, 1)[None]  # [1, H, T, D]
+        keys, values = keys.flatten(0, 1)[None], values.flatten(0, 1)[None]  # [1, S * L, Hkv, D]
+        key_seq = torch.arange(num_seqs, device=query.device).repeat_interleave(key_pos.shape[0])
+        mask = _visible(key_pos.repeat(num_seqs)[None, :], position[:, None], sliding_window)
+        mask = (mask & (key_seq[None, :] == owner[:, None]))[None, None]  # [1, 1, T, S * L]
+    attended = F.scaled_dot_product_attention(
+        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    attended = attended[:, :, 0] if per_token else attended[0].transpose(0, 1)  # [T, H, D]
+    out.copy_(torch.where(real[:, None, None], attended, 0))
+
+
 def paged_attention_out_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -142,7 +242,43 @@ def paged_attention_out_kernel(
     ``token_offset``: query/key/value/slot_mapping/out hold the step's tokens [offset, offset + n)
     while the metadata describes the whole step, so a micro-batch can attend on its own; a sequence
     cut in two sees, in its second half, the keys its first half wrote.
+
+    Capture-safe everywhere but on the CPU (``capture_safe_paged_attention_out``); the CPU takes its
+    host-side fast path (see the module docstring).
     """
+    implementation = _host_paged_attention_out if kv_cache.device.type == "cpu" else capture_safe_paged_attention_out
+    implementation(
+        query,
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        query_lens,
+        seq_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        out,
+        token_offset,
+    )
+
+
+def _host_paged_attention_out(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+    out: torch.Tensor,
+    token_offset: int = 0,
+) -> None:
+    """The CPU's paged_attention_out: reads the lengths on the host and attends over only the keys that
+    exist, in one native decode call or one SDPA per sequence. Not capture-safe (nor meant to be)."""
     native = native_kernels() if kv_cache.device.type == "cpu" else None
     metadata = (slot_mapping, query_lens, seq_lens, block_tables)
     if native is not None and native.paged_decode_out(
@@ -194,7 +330,7 @@ def paged_attention_kernel(
 
     query [T, H, D], key/value [T, Hkv, D]; returns [T, H, D]. ``sliding_window`` 0 means full
     attention; otherwise a query at position p sees keys at positions (p - window, p].
-    ``token_offset``: see paged_attention_out_kernel.
+    ``token_offset``: see paged_attention_out_kernel, which also says where this is capture-safe.
     """
     out = torch.empty_like(query)
     paged_attention_out_kernel(
@@ -227,3 +363,31 @@ def _(
 paged_attention_out = torch.library.custom_op(
     "xllm::paged_attention_out", paged_attention_out_kernel, mutates_args=("kv_cache", "out")
 )
+
+
+def capture_safe_paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int,
+    token_offset: int = 0,
+) -> torch.Tensor:
+    """paged_attention's functional form over ``capture_safe_paged_attention_out``."""
+    out = torch.empty_like(query)
+    metadata = (slot_mapping, query_lens, seq_lens, block_tables)
+    capture_safe_paged_attention_out(query, key, value, kv_cache, *metadata, scale, sliding_window, out, token_offset)
+    return out
+
+
+#: The capture-safe kernel of each op whose ops.KERNELS entry takes a host-side path on the CPU: what
+#: CUDA and NPU graphs run where no fused kernel takes the op, and what the capture-safety audit checks.
+CAPTURE_SAFE_KERNELS = {
+    "xllm::paged_attention": capture_safe_paged_attention,
+    "xllm::paged_attention_out": capture_safe_paged_attention_out,
+}
