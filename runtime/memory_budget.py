@@ -95,10 +95,11 @@ def plan_load_memory(
 ) -> LoadMemory:
     """The load's memory, KV pool included; OptionsError (naming the sizes and the options that fix
     it) when it cannot fit in ``available_bytes``."""
-    size = format_bytes
     weights, block = manifest.weight_bytes, kv_block_bytes(manifest)
     reserved = manifest.kv_cache.reserved_blocks
     fixed = weights + arena_bytes
+    parts = f"the weights ({format_bytes(weights)}) and the arena ({format_bytes(arena_bytes)})"
+    available = f"{format_bytes(available_bytes)} available"
 
     def plan(blocks: int, sized_by: str) -> LoadMemory:
         return LoadMemory(weights, arena_bytes, block, blocks, sized_by)
@@ -107,39 +108,39 @@ def plan_load_memory(
         if isinstance(kv_blocks, bool) or not isinstance(kv_blocks, int) or kv_blocks <= reserved:
             raise OptionsError(f"kv_blocks must be an integer > {reserved}, got {kv_blocks!r}")
         if fixed + kv_blocks * block > available_bytes:
+            most = max(0, (available_bytes - fixed) // block)
             raise OptionsError(
-                f"kv_blocks {kv_blocks} need {size(kv_blocks * block)} of KV cache on top of the weights "
-                f"({size(weights)}) and the arena ({size(arena_bytes)}), but {size(available_bytes)} is "
-                f"available: at most {max(0, (available_bytes - fixed) // block)} blocks fit"
+                f"kv_blocks {kv_blocks} need {format_bytes(kv_blocks * block)} of KV cache on top of {parts}, "
+                f"but {available} is: at most {most} blocks fit"
             )
         return plan(kv_blocks, SIZED_BY_KV_BLOCKS)
     if max_memory_utilization is not None:
         utilization = max_memory_utilization
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
             raise OptionsError(f"max_memory_utilization must be in (0, 1], got {utilization!r}")
-        blocks = int((utilization * total_bytes - fixed) // block)  # the reserved block counts too
+        share = utilization * total_bytes
+        blocks = int((share - fixed) // block)  # the reserved block counts too
         if blocks <= reserved:
             raise OptionsError(
-                f"max_memory_utilization {utilization} leaves no room for the KV cache: weights and arena take "
-                f"{fixed / 2**20:.0f} MiB of {utilization * total_bytes / 2**20:.0f} MiB"
+                f"max_memory_utilization {utilization} leaves no room for the KV cache: {parts} take "
+                f"{format_bytes(fixed)} of {format_bytes(share)}"
             )
         if fixed + blocks * block > available_bytes:
             raise OptionsError(
-                f"max_memory_utilization {utilization} asks for {size(fixed + blocks * block)} (weights, arena and "
-                f"{blocks} KV blocks), but {size(available_bytes)} is available: pass a smaller share or --kv-blocks N"
+                f"max_memory_utilization {utilization} asks for {format_bytes(fixed + blocks * block)} ({parts} "
+                f"and {blocks} KV blocks), but {available} is: pass a smaller share or --kv-blocks N"
             )
         return plan(blocks, SIZED_BY_UTILIZATION)
     per_seq = blocks_per_sequence(manifest)
     wanted = max_decode_batch(manifest)
     fitting = int((DEFAULT_UTILIZATION * available_bytes - fixed - reserved * block) // (per_seq * block))
     if fitting < 1:
-        length = manifest.model.max_seq_len
-        left = max(0, DEFAULT_UTILIZATION * available_bytes - fixed)
+        left = format_bytes(max(0, DEFAULT_UTILIZATION * available_bytes - fixed))
         raise OptionsError(
-            f"the KV cache for one {length}-token sequence needs {size(per_seq * block)}, but only {size(left)} "
-            f"of the {size(available_bytes)} available is left after the weights ({size(weights)}) and the arena "
-            f"({size(arena_bytes)}): pass --kv-blocks N or --max-memory-utilization F to xllm-run (kv_blocks=, "
-            "max_memory_utilization= to load()), or recompile with a smaller --max-seq-len"
+            f"the KV cache for one {manifest.model.max_seq_len}-token sequence needs {format_bytes(per_seq * block)}, "
+            f"but only {left} of the {available} is left after {parts}: pass --kv-blocks N or "
+            "--max-memory-utilization F to xllm-run (kv_blocks=, max_memory_utilization= to load()), or recompile "
+            "with a smaller --max-seq-len"
         )
     sequences = min(wanted, fitting)
     return plan(sequences * per_seq + reserved, SIZED_BY_BUCKETS if sequences == wanted else SIZED_BY_MEMORY)
