@@ -1,11 +1,11 @@
 """Benchmark the compiled model against transformers eager and torch.compile on CPU: compile, prefill, decode, RSS.
 
-    python tools/bench.py [--quick] [--model-dir DIR] [--dtype float32|bfloat16|both] [--threads N] [--runs N]
-                          [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
+    python tools/bench.py [--quick] [--model-dir DIR | --preset NAME] [--dtype float32|bfloat16|both] [--threads N]
+                          [--runs N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
 
 Without --model-dir it benchmarks a random ~100M-parameter Llama (tools/random_checkpoint.py, preset
-llama-100m) written into a temporary folder. Every system gets the same checkpoint, token-id prompts
-(seeded random ids) and thread count:
+llama-100m; --preset mixtral-100m: a Mixtral of 8 experts, top-2, ~110M in all) written into a temporary
+folder. Every system gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
 
   hf_eager       transformers' model class for the checkpoint, eager generate() (dynamic KV cache, sdpa).
   torch_compile  the same model, generate(cache_implementation="static", compile_config=CompileConfig(
@@ -30,9 +30,11 @@ Figures, each the median, min and max of --runs runs:
                     before (else psutil, sampled every 5 ms); MB = 10**6 bytes.
 The machine's read bandwidth (1 GB of float32 read by summing it, or as a matrix-vector product in our packed
 linear kernel, whichever is faster: see read_bandwidth_gbs) gives the bandwidth-bound decode
-limit at batch 1: weight bytes read per step (every linear incl. lm_head, norms, one embedding row) /
-bandwidth. At batch B one read of the weights serves B tokens, so decode figures are shown as a
-fraction of B x that limit (KV-cache reads are left out: they are small at these lengths).
+limit at batch 1: weight bytes read per step (every linear incl. lm_head, norms, one embedding row; of an
+MoE layer's experts only the top_k a token is routed to) / bandwidth. At batch B one read of the weights
+serves B tokens, so decode figures are shown as a fraction of B x that limit (KV-cache reads are left out:
+they are small at these lengths; for an MoE model B tokens read more experts than one does, so the fraction
+understates it).
 
 --json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
 "max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
@@ -336,8 +338,13 @@ def _best_gbs(read, nbytes: int, repeats: int) -> float:
 
 
 def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
-    """Bytes a batch-1 decode step reads: every tensor, but one row of an untied input embedding."""
+    """Bytes a batch-1 decode step reads: every tensor, but one row of an untied input embedding and, in an
+    MoE layer, top_k of its experts."""
     from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    routed = config["num_experts_per_tok"] / experts if experts else 1.0
 
     shapes: dict[str, list[int]] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -349,8 +356,10 @@ def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
         numel = 1
         for size in shape:
             numel *= size
-        elements += shape[-1] if name.endswith("embed_tokens.weight") and not tied else numel
-    return elements * getattr(torch, dtype).itemsize
+        if name.endswith("embed_tokens.weight") and not tied:
+            numel = shape[-1]
+        elements += numel * routed if ".experts." in name else numel
+    return int(elements * getattr(torch, dtype).itemsize)
 
 
 def cpu_name() -> str:
@@ -476,7 +485,8 @@ def correctness(console, results: dict, dtypes: list[str], systems: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, help="checkpoint to benchmark (default: random llama-100m)")
+    parser.add_argument("--model-dir", type=Path, help="checkpoint to benchmark (default: a random --preset)")
+    parser.add_argument("--preset", choices=["llama-100m", "mixtral-100m"], default="llama-100m")
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every system")
@@ -511,7 +521,7 @@ def main() -> None:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from random_checkpoint import write_checkpoint
 
-            model_dir = write_checkpoint(work / "model", "llama-100m", torch.float32)
+            model_dir = write_checkpoint(work / "model", args.preset, torch.float32)
         model_dir = model_dir.resolve()
         if not (model_dir / "config.json").is_file():
             parser.error(f"{model_dir} has no config.json")

@@ -27,6 +27,19 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=2,
         max_position_embeddings=2048,
     ),
+    # ~110M parameters in all (~40M read per token: attention, router and 2 of 8 experts), Mixtral-shaped.
+    "mixtral-100m": dict(
+        architectures=["MixtralForCausalLM"],
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+    ),
 }
 COMMON = dict(
     hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
@@ -35,7 +48,7 @@ COMMON = dict(
 
 def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hidden = config["hidden_size"]
     head_dim = hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim
 
@@ -52,12 +65,31 @@ def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str,
             p + "self_attn.v_proj.weight": normal(kv, hidden),
             p + "self_attn.o_proj.weight": normal(hidden, hidden),
             p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
-            p + "mlp.gate_proj.weight": normal(inter, hidden),
-            p + "mlp.up_proj.weight": normal(inter, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, inter),
         }
+        weights |= _mlp(config, p, normal)
     weights["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
     weights["lm_head.weight"] = normal(config["vocab_size"], hidden)
+    return weights
+
+
+def _mlp(config: dict, prefix: str, normal) -> dict[str, torch.Tensor]:
+    """A layer's dense MLP, or with ``num_local_experts`` its Mixtral router and per-expert w1/w3/w2."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    experts = config.get("num_local_experts")
+    if not experts:
+        return {
+            prefix + "mlp.gate_proj.weight": normal(inter, hidden),
+            prefix + "mlp.up_proj.weight": normal(inter, hidden),
+            prefix + "mlp.down_proj.weight": normal(hidden, inter),
+        }
+    moe = prefix + "block_sparse_moe."
+    weights = {moe + "gate.weight": normal(experts, hidden)}
+    for e in range(experts):
+        weights |= {
+            f"{moe}experts.{e}.w1.weight": normal(inter, hidden),
+            f"{moe}experts.{e}.w3.weight": normal(inter, hidden),
+            f"{moe}experts.{e}.w2.weight": normal(hidden, inter),
+        }
     return weights
 
 
