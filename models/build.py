@@ -10,7 +10,9 @@ from xllm_compiler.models.config import ModelSpec
 from xllm_compiler.models.decoder import DecoderForCausalLM
 from xllm_compiler.models.parallel import TensorParallel
 from xllm_compiler.models.registry import load_spec
-from xllm_compiler.models.weights import Checkpoint
+from xllm_compiler.models.weights import Checkpoint, load_experts
+
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def build_model(
@@ -33,7 +35,9 @@ def build_model(
     with Checkpoint(model_dir) as checkpoint:
         for name, param in list(model.named_parameters()):
             dim = tp.shard_dim(name)
-            if dim is None:
+            if spec.moe is not None and name.endswith(EXPERT_TENSORS):
+                tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype)
+            elif dim is None:
                 tensor = checkpoint.load(name, tuple(param.shape), dtype)
             else:
                 whole = list(param.shape)

@@ -33,6 +33,21 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """The mixture-of-experts layers of a checkpoint: which layers route, and how."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    sparse_layers: tuple[bool, ...]  # per layer: routed experts (True) or the dense MLP
+    renormalise: bool  # top-k weights rescaled to sum to one (norm_topk_prob; Mixtral always)
+    weights_in_model_dtype: bool  # Qwen casts the top-k weights back to the model dtype, Mixtral keeps float32
+    shared_expert_size: int  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
+    module: str  # the checkpoint's name for the MoE block: 'mlp' or 'block_sparse_moe'
+    expert_projections: tuple[str, str, str]  # per-expert tensor names: gate, up, down
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the flat decoder needs to know about one checkpoint's architecture."""
 
@@ -55,6 +70,7 @@ class ModelSpec:
     dtype: torch.dtype | None  # the checkpoint's own dtype, when config.json says
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    moe: MoESpec | None = None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

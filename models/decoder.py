@@ -1,8 +1,9 @@
-"""The flat decoder shared by Llama, Mistral, Qwen2 and Qwen3: one readable forward over flattened tokens.
+"""The flat decoder shared by Llama, Mistral, Qwen2/3 and their MoE kin: one readable forward over flattened tokens.
 
 Module names follow Hugging Face's checkpoints (``model.layers.0.self_attn.q_proj``...) so that weights
-load by name. Attention is the opaque ``xllm::paged_attention`` op; everything else is plain torch and
-the reference ops of ``xllm_compiler.ops.reference``, which the fusion passes later recognise.
+load by name. Attention is the opaque ``xllm::paged_attention`` op and routed experts the opaque
+``xllm::moe_experts`` op; everything else is plain torch and the reference ops of
+``xllm_compiler.ops.reference``, which the fusion passes later recognise.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import xllm_compiler.ops  # noqa: F401  (registers torch.ops.xllm)
-from xllm_compiler.models.config import ModelSpec
+from xllm_compiler.models.config import ModelSpec, MoESpec
 from xllm_compiler.models.parallel import TRACED_GROUP, TensorParallel
 from xllm_compiler.models.rope import cos_sin_tables
 from xllm_compiler.ops.collectives import all_reduce
-from xllm_compiler.ops.reference import apply_rotary, rms_norm, silu_and_mul
+from xllm_compiler.ops.reference import apply_rotary, rms_norm, route_topk, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -93,15 +94,49 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, tp: TensorParallel):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, intermediate_size: int | None = None):
         super().__init__()
-        intermediate = tp.local(spec.intermediate_size)
-        self.gate_proj = nn.Linear(spec.hidden_size, intermediate, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, intermediate, bias=False)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp)
+        intermediate_size = intermediate_size or spec.intermediate_size
+        self.gate_proj = nn.Linear(spec.hidden_size, tp.local(intermediate_size), bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, tp.local(intermediate_size), bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, spec.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class Experts(nn.Module):
+    """Every routed expert's weights, stacked: gate and up merged at load (see models/weights.py)."""
+
+    def __init__(self, spec: ModelSpec, moe: MoESpec):
+        super().__init__()
+        experts, hidden, size = moe.num_experts, spec.hidden_size, moe.expert_intermediate_size
+        # Random at nn.Linear's scale: the checkpoint replaces them, but a graph traced without one needs values.
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * size, hidden) * hidden**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, size) * size**-0.5)
+
+
+class SparseMoE(nn.Module):
+    """Router -> top-k experts (-> + Qwen2-MoE's sigmoid-gated shared expert), as transformers computes it:
+    router logits in the model dtype, softmax and top-k in float32."""
+
+    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel):
+        super().__init__()
+        self.moe = moe
+        self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
+        self.experts = Experts(spec, moe)
+        if moe.shared_expert_size:
+            self.shared_expert = MLP(spec, tp, moe.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+        weights, ids = route_topk(self.gate(x), self.moe.top_k, self.moe.renormalise)  # [T, k] each
+        if self.moe.weights_in_model_dtype:
+            weights = weights.to(x.dtype)
+        out = torch.ops.xllm.moe_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
+        if self.moe.shared_expert_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -110,11 +145,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec, layer, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec, tp)
+        sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
+        self.ffn_name = spec.moe.module if sparse else "mlp"  # Mixtral's checkpoints say block_sparse_moe
+        self.add_module(self.ffn_name, SparseMoE(spec, spec.moe, tp) if sparse else MLP(spec, tp))
 
     def forward(self, h, cos, sin, kv_cache, step):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, step)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + getattr(self, self.ffn_name)(self.post_attention_layernorm(h))
 
 
 class DecoderModel(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm_compiler.errors import ConfigError
+from xllm_compiler.errors import ConfigError, OptionsError
 from xllm_compiler.models.config import ModelSpec
 
 #: Checkpoint tensor (by name suffix) -> the dim it is split along across ranks.
@@ -30,7 +30,11 @@ class TensorParallel:
     size: int = 1
 
     def check(self, spec: ModelSpec) -> None:
-        """Refuse a model whose heads or MLP do not divide evenly over the ranks."""
+        """Refuse a model whose heads or MLP do not divide evenly over the ranks, or an MoE model (not yet)."""
+        if spec.moe is not None and self.size > 1:
+            raise OptionsError(
+                f"--tp {self.size}: tensor parallelism of MoE models ({spec.architecture}) is not supported yet"
+            )
         for what, count in (
             ("num_key_value_heads", spec.num_kv_heads),
             ("num_attention_heads", spec.num_heads),

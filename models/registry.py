@@ -1,7 +1,8 @@
 """Supported architectures, keyed by the ``architectures`` name in config.json.
 
-All four are one decoder family (RMSNorm, rotary, GQA attention, SwiGLU MLP); an entry says how the
-family member differs: which projections carry a bias, whether q/k are normalised, whether it slides.
+All are one decoder family (RMSNorm, rotary, GQA attention, SwiGLU MLP); an entry says how the
+family member differs: which projections carry a bias, whether q/k are normalised, whether it slides,
+and for the mixture-of-experts members how their MoE layers route.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from xllm_compiler.errors import ConfigError
 from xllm_compiler.models.config import (
     ModelSpec,
+    MoESpec,
     checkpoint_dtype,
     generation_eos,
     read_config,
@@ -32,6 +34,7 @@ class Family:
     o_bias: Callable[[dict[str, Any]], bool]
     qk_norm: bool = False
     slides_everywhere: bool = False
+    moe: Callable[[dict[str, Any], int], MoESpec] | None = None
 
 
 def _attention_bias(config: dict[str, Any]) -> bool:
@@ -46,11 +49,66 @@ def _always(config: dict[str, Any]) -> bool:
     return True
 
 
+def _qwen2_moe_qkv_bias(config: dict[str, Any]) -> bool:
+    return bool(config.get("qkv_bias", True))  # transformers 4's configs have no key: always biased
+
+
+def _num_experts(config: dict[str, Any]) -> int:
+    """``num_experts`` (published Qwen checkpoints) or ``num_local_experts`` (Mixtral, transformers 5)."""
+    key = "num_experts" if config.get("num_experts") is not None else "num_local_experts"
+    return require(config, key)
+
+
+def _routing(config: dict[str, Any], num_experts: int) -> int:
+    top_k = require(config, "num_experts_per_tok")
+    if top_k > num_experts:
+        raise ConfigError(f"config.json num_experts_per_tok {top_k} is greater than the expert count {num_experts}")
+    return top_k
+
+
+def _qwen_moe(config: dict[str, Any], num_layers: int) -> MoESpec:
+    """Qwen2/3-MoE: layer i routes unless in ``mlp_only_layers`` or (i + 1) is no multiple of
+    ``decoder_sparse_step``; softmax top-k, renormalised when ``norm_topk_prob``."""
+    num_experts = _num_experts(config)
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    return MoESpec(
+        num_experts=num_experts,
+        top_k=_routing(config, num_experts),
+        expert_intermediate_size=require(config, "moe_intermediate_size"),
+        sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+        renormalise=bool(config.get("norm_topk_prob", False)),
+        weights_in_model_dtype=True,
+        shared_expert_size=int(config.get("shared_expert_intermediate_size") or 0),
+        module="mlp",
+        expert_projections=("gate_proj", "up_proj", "down_proj"),
+    )
+
+
+def _mixtral_moe(config: dict[str, Any], num_layers: int) -> MoESpec:
+    """Mixtral: every layer routes; softmax, top-k, always renormalised, weights kept in float32."""
+    num_experts = _num_experts(config)
+    return MoESpec(
+        num_experts=num_experts,
+        top_k=_routing(config, num_experts),
+        expert_intermediate_size=require(config, "intermediate_size"),
+        sparse_layers=(True,) * num_layers,
+        renormalise=True,
+        weights_in_model_dtype=False,
+        shared_expert_size=0,
+        module="block_sparse_moe",
+        expert_projections=("w1", "w3", "w2"),
+    )
+
+
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": Family(qkv_bias=_attention_bias, o_bias=_attention_bias),
     "MistralForCausalLM": Family(qkv_bias=_never, o_bias=_never, slides_everywhere=True),
     "Qwen2ForCausalLM": Family(qkv_bias=_always, o_bias=_never),
     "Qwen3ForCausalLM": Family(qkv_bias=_attention_bias, o_bias=_attention_bias, qk_norm=True),
+    "Qwen2MoeForCausalLM": Family(qkv_bias=_qwen2_moe_qkv_bias, o_bias=_never, moe=_qwen_moe),
+    "Qwen3MoeForCausalLM": Family(qkv_bias=_attention_bias, o_bias=_attention_bias, qk_norm=True, moe=_qwen_moe),
+    "MixtralForCausalLM": Family(qkv_bias=_never, o_bias=_never, slides_everywhere=True, moe=_mixtral_moe),
 }
 
 
@@ -110,4 +168,5 @@ def spec_from_config(config: dict[str, Any], eos_override: tuple[int, ...] | Non
         dtype=checkpoint_dtype(config),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=eos,
+        moe=family.moe(config, num_layers) if family.moe else None,
     )

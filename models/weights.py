@@ -1,7 +1,8 @@
 """Checkpoint weights from safetensors: single file or sharded, memory-mapped, cast on load.
 
 Every failure names the file and tensor at fault, and for a wrong shape both the expected and the
-found shape: a checkpoint that does not fit its config.json must never load half-way.
+found shape: a checkpoint that does not fit its config.json must never load half-way. MoE experts load
+from either of their two layouts into one stacked tensor each (``load_experts``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from xllm_compiler.errors import CheckpointError
+from xllm_compiler.models.config import MoESpec
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -99,3 +101,26 @@ class Checkpoint:
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, expected floats")
         return tensor.to(dtype)
+
+
+def load_experts(checkpoint: Checkpoint, name: str, moe: MoESpec, shape: tuple[int, ...], dtype: torch.dtype):
+    """A stacked expert tensor ``<block>.experts.gate_up_proj`` [E, 2I, H] or ``.down_proj`` [E, H, I],
+    read from either layout: the same fused 3-D tensor, or one tensor per expert (``experts.{i}.gate_proj``
+    and ``up_proj`` concatenated gate first, ``experts.{i}.down_proj``; Mixtral's w1, w3, w2)."""
+    if name in checkpoint:
+        return checkpoint.load(name, shape, dtype)
+    prefix, leaf = name.rsplit(".", 1)
+    gate, up, down = moe.expert_projections
+    if f"{prefix}.{moe.num_experts}.{gate}.weight" in checkpoint:
+        raise CheckpointError(
+            f"checkpoint holds tensor '{prefix}.{moe.num_experts}.{gate}.weight': more experts than the "
+            f"{moe.num_experts} config.json declares"
+        )
+    parts = (gate, up) if leaf == "gate_up_proj" else (down,)
+    rows = shape[1] // len(parts)
+    return torch.stack(
+        [
+            torch.cat([checkpoint.load(f"{prefix}.{i}.{part}.weight", (rows, shape[2]), dtype) for part in parts])
+            for i in range(moe.num_experts)
+        ]
+    )

@@ -27,6 +27,7 @@ from xllm_compiler.passes.comm.fuse_all_reduce_add_rms_norm import fuse_all_redu
 from xllm_compiler.passes.comm.reorder_collectives import reorder_collectives
 from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions, SplitMicroBatches, split_micro_batches
 from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
+from xllm_compiler.passes.fusion.fuse_moe import fuse_moe
 from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
 from xllm_compiler.passes.fusion.fuse_rotary_embedding import fuse_rotary_embedding
 from xllm_compiler.passes.fusion.fuse_silu_and_mul import fuse_silu_and_mul
@@ -54,6 +55,8 @@ def default_pipeline() -> list[GraphPass]:
         fuse_rms_norm,
         fuse_silu_and_mul,
         fuse_rotary_embedding,
+        # MoE layers: router softmax + top-k and the routed experts into one op.
+        fuse_moe,
         # Work only on the rows that reach the LM head.
         select_rows_before_final_norm,
     ]

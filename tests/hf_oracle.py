@@ -34,6 +34,20 @@ ARCHITECTURE_CONFIGS = {
     "Qwen2ForCausalLM": dict(),
     "Qwen3ForCausalLM": dict(head_dim=32),
 }
+#: The mixture-of-experts architectures, kept apart: tests over ARCHITECTURE_CONFIGS count dense-model ops.
+MOE_ARCHITECTURE_CONFIGS = {
+    "Qwen3MoeForCausalLM": dict(
+        hidden_size=32, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32
+    ),
+    "Qwen2MoeForCausalLM": dict(
+        hidden_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+    ),
+    "MixtralForCausalLM": dict(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+}
 
 
 def hf_classes(architecture: str):
@@ -47,7 +61,8 @@ def hf_classes(architecture: str):
 def make_hf_model(architecture: str, seed: int = 0, **overrides):
     """A random transformers model of ``architecture`` (float32), deterministic for ``seed``."""
     config_cls, model_cls = hf_classes(architecture)
-    config = config_cls(**{**TINY, **ARCHITECTURE_CONFIGS.get(architecture, {}), **overrides})
+    family = {**ARCHITECTURE_CONFIGS, **MOE_ARCHITECTURE_CONFIGS}.get(architecture, {})
+    config = config_cls(**{**TINY, **family, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     # Random, not HF's small init, so that norms and biases matter to the comparison.
@@ -57,6 +72,8 @@ def make_hf_model(architecture: str, seed: int = 0, **overrides):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
+            elif name.endswith(("mlp.gate.weight", "experts.gate_up_proj", "experts.down_proj")):
+                param.normal_(0.0, 0.2)  # HF leaves routers at zero and experts unset: random, well-spread routing
     return model
 
 

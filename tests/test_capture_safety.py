@@ -7,7 +7,8 @@ from host data (``torch.tensor(list)``: ``aten.lift_fresh``), or whose output sh
 FakeTensorMode, where tensors have shapes and dtypes but no values, so such an op raises (fake tensors do
 it for data-dependent shapes, ``HostSyncAudit`` for the rest). The ``xllm::`` ops run as the composites
 the CUDA and NPU platforms run where no fused kernel takes them (ops.KERNELS, with the capture-safe
-attention of attention.CAPTURE_SAFE_KERNELS in place of the CPU's host-side path), nested op calls included.
+attention and MoE experts of ops.CAPTURE_SAFE_KERNELS in place of the CPU's host-side paths), nested op calls
+included.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from torch import fx
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.hf_oracle import ARCHITECTURE_CONFIGS
+from tests.hf_oracle import ARCHITECTURE_CONFIGS, MOE_ARCHITECTURE_CONFIGS
 from xllm_compiler.artifact.graph_format import deserialize_graph
 from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.dtypes import DTYPES
 from xllm_compiler.interface import MAX_BLOCKS_PER_SEQ, NUM_BLOCKS, NUM_SEQS, NUM_TOKENS
-from xllm_compiler.ops import KERNELS, attention
-from xllm_compiler.ops.attention import CAPTURE_SAFE_KERNELS
+from xllm_compiler.ops import CAPTURE_SAFE_KERNELS, KERNELS, attention
 
-ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS)
+ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS) + sorted(MOE_ARCHITECTURE_CONFIGS)
 COMPOSITES: dict[str, Callable] = {**KERNELS, **CAPTURE_SAFE_KERNELS}
 #: Sizes for the dims a graph leaves symbolic (the dynamic fallback's num_tokens, the KV pool's blocks).
 SIZES = {NUM_TOKENS: 24, NUM_SEQS: 3, NUM_BLOCKS: 9, MAX_BLOCKS_PER_SEQ: 4}

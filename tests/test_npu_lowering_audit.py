@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import xllm_compiler
-from tests.passes.graphs import ARCHITECTURES, model_graph
+from tests.passes.graphs import ARCHITECTURES, cached_build_graph, model_graph
 from xllm_compiler.artifact.graph_format import deserialize_graph
 from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.artifact.schema import LoweringRecord
@@ -29,16 +29,16 @@ from xllm_compiler.runtime.platform import PLATFORMS
 from xllm_compiler.runtime.platform.base import available_host_memory
 from xllm_compiler.runtime.platform.lowering import NPU_LOWERING, composite_lowering
 from xllm_compiler.runtime.platform.npu import NpuPlatform
-from xllm_compiler.testing import op_counts
+from xllm_compiler.testing import op_counts, tiny_config
 
 xllm = torch.ops.xllm
 BUCKETS = (Bucket(DECODE, 4, 4), Bucket(PREFILL, 32, 4))
 NPU_BLOCK_SIZE = 128
 
 
-def _planned(architecture: str, lowering) -> dict[str, torch.fx.GraphModule]:
-    """The fallback graph and two bucket graphs of a one-layer model, memory planned for ``lowering``."""
-    gm = model_graph(architecture, 1)
+def _planned(architecture: str, lowering, gm: torch.fx.GraphModule | None = None) -> dict[str, torch.fx.GraphModule]:
+    """The fallback graph and two bucket graphs of a one-layer model (or ``gm``), memory planned for ``lowering``."""
+    gm = gm if gm is not None else model_graph(architecture, 1)
     PassManager(select_passes(None)).run(gm)
     passes = bucket_passes_for(make_options(block_size=NPU_BLOCK_SIZE), lowering)
     graphs = {"dynamic": gm}
@@ -56,6 +56,22 @@ def test_every_op_planned_for_npu_has_an_npu_kernel(architecture):
         if name != "dynamic":  # planned: attention writes into the arena, the elementwise ops allocate
             assert counts[xllm.paged_attention_out.default] == 1 and counts[xllm.rms_norm_out.default] == 0
             assert counts[xllm.rms_norm.default] >= 1 and gm.meta["memory_plan"].planned_nodes > 0
+
+
+def test_moe_graphs_planned_for_npu_have_npu_kernels():
+    """The routed experts run as their capture-safe composite on NPU, writing into the arena."""
+    config = tiny_config(
+        "Qwen2MoeForCausalLM",
+        num_hidden_layers=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    for name, gm in _planned("Qwen2MoeForCausalLM", NPU_LOWERING, cached_build_graph(config)).items():
+        assert NPU_LOWERING.unlowered(gm.graph) == [], name
+        counts = op_counts(gm)
+        assert counts[xllm.fused_moe_out.default if name != "dynamic" else xllm.fused_moe.default] == 1, name
 
 
 def test_an_op_without_an_npu_kernel_fails_the_audit():

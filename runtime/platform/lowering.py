@@ -121,12 +121,15 @@ _PAGED_PREFILL = Kernel(
     phase=PREFILL,
 )
 
+_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_moe_experts_out")
+_FUSED_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_fused_moe_out")
+
 #: torch_npu 2.13.0. The four ``*_out`` forms of the elementwise ops have no NPU kernel (none of
 #: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload): on NPU they stay
 #: functional. Attention's out form does: _npu_paged_attention writes into ``out``.
 NPU_LOWERING = Lowering(
     platform="npu",
-    version=1,
+    version=2,
     kernels={
         "xllm::rms_norm": (
             Kernel(
@@ -154,6 +157,11 @@ NPU_LOWERING = Lowering(
         "xllm::all_reduce_add_rms_norm": (
             Kernel("_c10d_functional.all_reduce (HCCL) + wait_tensor + torch_npu.npu_add_rms_norm", _ADD_RMS_NORM),
         ),
+        # No grouped-matmul kernel yet (torch_npu.npu_grouped_matmul is the candidate): the capture-safe composite.
+        "xllm::moe_experts": (_MOE_COMPOSITE,),
+        "xllm::moe_experts_out": (_MOE_COMPOSITE,),
+        "xllm::fused_moe": (_FUSED_MOE_COMPOSITE,),
+        "xllm::fused_moe_out": (_FUSED_MOE_COMPOSITE,),
     },
     block_size_multiple=128,
     max_block_size=512,

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from xllm_compiler.errors import DeviceError
-from xllm_compiler.ops import attention
+from xllm_compiler.ops import attention, moe
 from xllm_compiler.runtime.platform.base import Platform
 from xllm_compiler.runtime.platform.lowering import DECODE, NPU_LOWERING, PREFILL, Lowering
 from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory, TorchairRunner
@@ -289,6 +289,7 @@ KERNELS: dict[str, Callable] = {
     "xllm::rotary_embedding": _rotary_embedding,
     "xllm::write_kv_cache": _write_kv_cache,
     "xllm::all_reduce_add_rms_norm": _all_reduce_add_rms_norm,
+    **moe.CAPTURE_SAFE_KERNELS,  # the table's composites: no NPU kernel yet
 }
 #: Attention's kernels by phase (``lower`` puts them in the graphs).
 PHASE_KERNELS: dict[str, dict[str, Callable]] = {

@@ -147,6 +147,10 @@ def _read(root: Path) -> Manifest:
 def _export(gm: fx.GraphModule, caches: list[str], manifest: Manifest, bucket: Bucket, path: Path) -> Path:
     if bucket.phase == DECODE and bucket.num_seqs != bucket.num_tokens:  # the decode attention's premise
         raise ArtifactError(f"decode bucket {bucket.name} has {bucket.num_seqs} sequences, not {bucket.num_tokens}")
+    table = translation_table(decode=bucket.phase == DECODE)
+    untranslated = sorted({str(n.target) for n in gm.graph.nodes if _is_ours(n.target) and n.target not in table})
+    if untranslated:  # e.g. MoE's xllm.moe_experts: refused here, not deep inside torch.onnx
+        raise OptionsError(f"op {', '.join(untranslated)} has no ONNX form yet: this artifact cannot be exported")
     with _quiet_exporter():
         onnx_program = torch.onnx.export(
             gm.eval(),
@@ -155,7 +159,7 @@ def _export(gm: fx.GraphModule, caches: list[str], manifest: Manifest, bucket: B
             input_names=[s.name for s in STEP_INPUTS] + caches,
             output_names=["logits", *(_PRESENT.format(c) for c in caches)],
             dynamic_shapes=_dynamic_shapes(manifest, len(caches)),
-            custom_translation_table=translation_table(decode=bucket.phase == DECODE),
+            custom_translation_table=table,
             opset_version=OPSET,
             verbose=False,
         )
@@ -164,6 +168,10 @@ def _export(gm: fx.GraphModule, caches: list[str], manifest: Manifest, bucket: B
     weight_bytes = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
     onnx_program.save(str(path), external_data=weight_bytes >= _PROTOBUF_LIMIT)
     return path
+
+
+def _is_ours(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("xllm", "xllm_onnx")
 
 
 def onnx_inputs(step_inputs: dict[str, torch.Tensor], caches: list[torch.Tensor]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Importing this package registers the ops; every other part of the project may im
 directly instead of going through the dispatcher (one Python call instead of a round trip).
 """
 
-from xllm_compiler.ops import activation, attention, collectives, norm, reference, rotary
+from xllm_compiler.ops import activation, attention, collectives, moe, norm, reference, rotary
 
 KERNELS = {
     "xllm::rms_norm": norm.rms_norm_kernel,
@@ -20,6 +20,10 @@ KERNELS = {
     "xllm::rotary_embedding_out": rotary.rotary_embedding_out_kernel,
     "xllm::paged_attention_out": attention.paged_attention_out_kernel,
     "xllm::all_reduce_add_rms_norm": collectives.all_reduce_add_rms_norm_kernel,
+    "xllm::moe_experts": moe.moe_experts_kernel,
+    "xllm::moe_experts_out": moe.moe_experts_out_kernel,
+    "xllm::fused_moe": moe.fused_moe_kernel,
+    "xllm::fused_moe_out": moe.fused_moe_out_kernel,
 }
 
 #: The ``*_out`` form of each op, with the names of its output arguments in return order: the memory
@@ -30,6 +34,22 @@ OUT_FORMS = {
     "xllm::silu_and_mul": ("xllm::silu_and_mul_out", ("out",)),
     "xllm::rotary_embedding": ("xllm::rotary_embedding_out", ("query_out", "key_out")),
     "xllm::paged_attention": ("xllm::paged_attention_out", ("out",)),
+    "xllm::moe_experts": ("xllm::moe_experts_out", ("out",)),
+    "xllm::fused_moe": ("xllm::fused_moe_out", ("out",)),
 }
+#: The capture-safe kernel of each op whose KERNELS entry takes a host-side path on the CPU: what CUDA
+#: and NPU graphs run where no fused kernel takes the op, and what the capture-safety audit checks.
+CAPTURE_SAFE_KERNELS = {**attention.CAPTURE_SAFE_KERNELS, **moe.CAPTURE_SAFE_KERNELS}
 
-__all__ = ["KERNELS", "OUT_FORMS", "activation", "attention", "collectives", "norm", "reference", "rotary"]
+__all__ = [
+    "CAPTURE_SAFE_KERNELS",
+    "KERNELS",
+    "OUT_FORMS",
+    "activation",
+    "attention",
+    "collectives",
+    "moe",
+    "norm",
+    "reference",
+    "rotary",
+]

@@ -34,3 +34,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's elementwise half: silu(gate) * up."""
     return F.silu(gate) * up
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing: softmax over all experts in float32, the top ``top_k`` (weights [T, k] float32, ids
+    [T, k] int64), renormalised to sum to one when asked: Qwen-MoE's and Mixtral's routers."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
