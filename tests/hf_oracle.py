@@ -77,6 +77,15 @@ def make_hf_model(architecture: str, seed: int = 0, **overrides):
     return model
 
 
+def hf_in_float32(model_dir: Path, architecture: str):
+    """The checkpoint in ``model_dir`` loaded by transformers in float32: the oracle for an artifact
+    compiled at float32 from a bf16 checkpoint. Not ``model.float()`` of the bf16 model, whose rotary
+    ``inv_freq`` buffer stays rounded to bf16 (a 4e-4 difference in Qwen3's logits): loading computes it
+    afresh, as our compile does."""
+    _, model_cls = hf_classes(architecture)
+    return model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def hf_last_logits(model, prompts: list[list[int]]) -> torch.Tensor:
     """float32 logits at the last position of each prompt, each run alone (no padding involved)."""
     with torch.no_grad():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import xllm_compiler
-from tests.hf_oracle import ARCHITECTURE_CONFIGS, hf_greedy, hf_last_logits, mixed_prompts
+from tests.hf_oracle import ARCHITECTURE_CONFIGS, hf_greedy, hf_in_float32, hf_last_logits, mixed_prompts
 
 ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS)
 
@@ -59,15 +57,15 @@ def test_sharded_checkpoint_matches_transformers(checkpoints):
     check_parity(checkpoints, hf_model, model_dir)
 
 
-def test_bfloat16_checkpoint(checkpoints):
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_bfloat16_checkpoint(checkpoints, architecture):
     """bf16 tolerance: bfloat16 has an 8-bit mantissa (eps 2**-8 = 0.0039), and two correct bf16
     implementations that sum in a different order differ by a few eps of the logit scale (measured here:
     0.5-0.7%). So the bf16 artifact is held to 2e-2 of the logit range against transformers in bf16
     (greedy tokens are not compared in bf16: near-ties flip), and compiled at float32 it must match
     float32 as tightly as the other tests do."""
-    model_dir, hf_bf16 = checkpoints.checkpoint("LlamaForCausalLM", dtype="bfloat16")
+    model_dir, hf_bf16 = checkpoints.checkpoint(architecture, dtype="bfloat16")
     prompts = mixed_prompts(hf_bf16.config.vocab_size)
     ours = xllm_compiler.load(checkpoints.artifact(model_dir)).logits(prompts)
     assert relative_error(ours, hf_last_logits(hf_bf16, prompts)) < 2e-2
-    hf_fp32 = copy.deepcopy(hf_bf16).float()
-    check_parity(checkpoints, hf_fp32, model_dir, dtype="float32")
+    check_parity(checkpoints, hf_in_float32(model_dir, architecture), model_dir, dtype="float32")

@@ -6,7 +6,6 @@ margin between each token's k-th and (k+1)-th routing probability is asserted ab
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import xllm_compiler
-from tests.hf_oracle import MOE_ARCHITECTURE_CONFIGS, hf_last_logits, mixed_prompts
+from tests.hf_oracle import MOE_ARCHITECTURE_CONFIGS, hf_in_float32, hf_last_logits, mixed_prompts
 from tests.test_capture_safety import artifact_graphs
 from tests.test_hf_parity import check_parity, relative_error
 from xllm_compiler.errors import CheckpointError, ConfigError, OptionsError
@@ -141,7 +140,7 @@ def test_bfloat16_moe_checkpoint(checkpoints):
     prompts = mixed_prompts(hf_bf16.config.vocab_size)
     ours = xllm_compiler.load(checkpoints.artifact(model_dir)).logits(prompts)
     assert relative_error(ours, hf_last_logits(hf_bf16, prompts)) < 2e-2
-    check_parity(checkpoints, copy.deepcopy(hf_bf16).float(), model_dir, dtype="float32")
+    check_parity(checkpoints, hf_in_float32(model_dir, "Qwen2MoeForCausalLM"), model_dir, dtype="float32")
 
 
 def test_moe_compiles_with_verify(checkpoints):
