@@ -38,6 +38,7 @@ ROW_WISE = {
     aten.unsqueeze.default, aten.slice.Tensor, aten.split_with_sizes.default, aten.cat.default,
     aten.mean.dim, operator.getitem, xllm.rms_norm.default, xllm.fused_add_rms_norm.default,
     xllm.silu_and_mul.default, xllm.rotary_embedding.default, *ISSUES, WAIT,
+    aten.sigmoid.default, xllm.fused_moe.default,  # a token's experts read its own row (and router logits)
 }  # fmt: skip
 ATTENTION = xllm.paged_attention.default
 TOKEN_INPUTS = ("input_ids", "positions", "slot_mapping")
@@ -76,8 +77,8 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
     if target in (aten.view.default, aten.reshape.default):
         source = _shape(args[0].meta.get("val"), subs)
         return source is not None and source[0] == tokens and math.prod(source[1:]) == math.prod(shape[1:])
-    if target is ATTENTION:
-        return True
+    if target is ATTENTION:  # a half's queries, keys and values (the metadata describes the whole step)
+        return all(a in token_wise for a in args[:3])
     for other in node.all_input_nodes:  # other operands must broadcast along the token dim
         other_shape = _shape(other.meta.get("val"), subs)
         if other not in token_wise and other_shape and len(other_shape) == len(shape) and other_shape[0] != 1:
@@ -87,7 +88,7 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
 
 class SplitMicroBatches(GraphPass):
     name = "split_micro_batches"
-    version = 1
+    version = 2  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v
 
     def __init__(self, options: MicroBatchOptions | None = None):
         self.options = options or MicroBatchOptions()
