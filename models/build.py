@@ -36,7 +36,8 @@ def build_model(
         for name, param in list(model.named_parameters()):
             dim = tp.shard_dim(name)
             if spec.moe is not None and name.endswith(EXPERT_TENSORS):
-                tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype)
+                span = tp.span(spec.moe.expert_intermediate_size)
+                tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype, span)
             elif dim is None:
                 tensor = checkpoint.load(name, tuple(param.shape), dtype)
             else:

@@ -32,16 +32,18 @@ class RMSNorm(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """A linear layer whose input features are split over the tensor-parallel ranks: each computes a
-    partial sum, an all-reduce adds them, then the (whole, replicated) bias is added once."""
+    partial sum, an all-reduce adds them, then the (whole, replicated) bias is added once. With
+    ``reduce=False`` (bias-free layers only) it returns the partial sum, for a caller that adds more
+    partials before one all-reduce of its own (the shared expert of an MoE layer)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, reduce: bool = True):
         super().__init__()
         shard = nn.Linear(tp.local(in_features), out_features, bias=bias)  # nn.Linear's initialisation
         self.weight, self.bias = shard.weight, shard.bias
-        self.tp = tp
+        self.tp, self.reduce = tp, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.size == 1:
+        if self.tp.size == 1 or not self.reduce:
             return F.linear(x, self.weight, self.bias)
         y = all_reduce(F.linear(x, self.weight), TRACED_GROUP)
         return y if self.bias is None else y + self.bias
@@ -94,23 +96,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, tp: TensorParallel, intermediate_size: int | None = None):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, intermediate_size: int | None = None, reduce: bool = True):
         super().__init__()
         intermediate_size = intermediate_size or spec.intermediate_size
         self.gate_proj = nn.Linear(spec.hidden_size, tp.local(intermediate_size), bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, tp.local(intermediate_size), bias=False)
-        self.down_proj = RowParallelLinear(intermediate_size, spec.hidden_size, False, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, spec.hidden_size, False, tp, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Experts(nn.Module):
-    """Every routed expert's weights, stacked: gate and up merged at load (see models/weights.py)."""
+    """Every routed expert's weights, stacked: gate and up merged at load (see models/weights.py). With
+    tensor parallelism, this rank's slice of each expert's intermediate dim (of gate and of up)."""
 
-    def __init__(self, spec: ModelSpec, moe: MoESpec):
+    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel):
         super().__init__()
-        experts, hidden, size = moe.num_experts, spec.hidden_size, moe.expert_intermediate_size
+        experts, hidden, size = moe.num_experts, spec.hidden_size, tp.local(moe.expert_intermediate_size)
         # Random at nn.Linear's scale: the checkpoint replaces them, but a graph traced without one needs values.
         self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * size, hidden) * hidden**-0.5)
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, size) * size**-0.5)
@@ -118,15 +121,20 @@ class Experts(nn.Module):
 
 class SparseMoE(nn.Module):
     """Router -> top-k experts (-> + Qwen2-MoE's sigmoid-gated shared expert), as transformers computes it:
-    router logits in the model dtype, softmax and top-k in float32."""
+    router logits in the model dtype, softmax and top-k in float32.
+
+    With tensor parallelism the router and its gates are replicated (every rank routes the same tokens
+    to the same experts), the experts and the shared expert return partial sums, and one all-reduce
+    adds them: the shared expert's partial goes in before it, so the layer has one collective, not two.
+    """
 
     def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel):
         super().__init__()
-        self.moe = moe
+        self.moe, self.tp = moe, tp
         self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
-        self.experts = Experts(spec, moe)
+        self.experts = Experts(spec, moe, tp)
         if moe.shared_expert_size:
-            self.shared_expert = MLP(spec, tp, moe.shared_expert_size)
+            self.shared_expert = MLP(spec, tp, moe.shared_expert_size, reduce=False)
             self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
@@ -136,7 +144,7 @@ class SparseMoE(nn.Module):
         out = torch.ops.xllm.moe_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
         if self.moe.shared_expert_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return all_reduce(out, TRACED_GROUP) if self.tp.size > 1 else out
 
 
 class DecoderLayer(nn.Module):

@@ -103,24 +103,46 @@ class Checkpoint:
         return tensor.to(dtype)
 
 
-def load_experts(checkpoint: Checkpoint, name: str, moe: MoESpec, shape: tuple[int, ...], dtype: torch.dtype):
+def load_experts(
+    checkpoint: Checkpoint,
+    name: str,
+    moe: MoESpec,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    span: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """A stacked expert tensor ``<block>.experts.gate_up_proj`` [E, 2I, H] or ``.down_proj`` [E, H, I],
     read from either layout: the same fused 3-D tensor, or one tensor per expert (``experts.{i}.gate_proj``
-    and ``up_proj`` concatenated gate first, ``experts.{i}.down_proj``; Mixtral's w1, w3, w2)."""
+    and ``up_proj`` concatenated gate first, ``experts.{i}.down_proj``; Mixtral's w1, w3, w2).
+
+    With ``span`` = [start, end) of the intermediate dim (a tensor-parallel rank's), only that slice of
+    every expert is read: rows start..end of gate and the same rows of up (so the merged halves stay
+    gate first), columns start..end of down. ``shape`` is the shape of what is returned.
+    """
+    size = moe.expert_intermediate_size
+    start, end = span or (0, size)
+    gate_up = name.endswith("gate_up_proj")
     if name in checkpoint:
-        return checkpoint.load(name, shape, dtype)
-    prefix, leaf = name.rsplit(".", 1)
+        if not gate_up:
+            return checkpoint.load(name, (*shape[:2], size), dtype, (2, start, end))
+        whole = (shape[0], 2 * size, shape[2])
+        halves = [checkpoint.load(name, whole, dtype, (1, offset + start, offset + end)) for offset in (0, size)]
+        return torch.cat(halves, dim=1)
+    prefix, _ = name.rsplit(".", 1)
     gate, up, down = moe.expert_projections
     if f"{prefix}.{moe.num_experts}.{gate}.weight" in checkpoint:
         raise CheckpointError(
             f"checkpoint holds tensor '{prefix}.{moe.num_experts}.{gate}.weight': more experts than the "
             f"{moe.num_experts} config.json declares"
         )
-    parts = (gate, up) if leaf == "gate_up_proj" else (down,)
-    rows = shape[1] // len(parts)
-    return torch.stack(
-        [
-            torch.cat([checkpoint.load(f"{prefix}.{i}.{part}.weight", (rows, shape[2]), dtype) for part in parts])
-            for i in range(moe.num_experts)
+
+    def expert(i: int) -> torch.Tensor:
+        if not gate_up:
+            return checkpoint.load(f"{prefix}.{i}.{down}.weight", (shape[1], size), dtype, (1, start, end))
+        rows = [
+            checkpoint.load(f"{prefix}.{i}.{part}.weight", (size, shape[2]), dtype, (0, start, end))
+            for part in (gate, up)
         ]
-    )
+        return torch.cat(rows)
+
+    return torch.stack([expert(i) for i in range(moe.num_experts)])

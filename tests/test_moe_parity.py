@@ -20,6 +20,7 @@ from tests.test_capture_safety import artifact_graphs
 from tests.test_hf_parity import check_parity, relative_error
 from xllm_compiler.errors import CheckpointError, ConfigError, OptionsError
 from xllm_compiler.models import build_model
+from xllm_compiler.models.parallel import TensorParallel
 from xllm_compiler.models.registry import spec_from_config
 from xllm_compiler.ops.reference import route_topk
 
@@ -199,9 +200,35 @@ def test_top_k_above_the_expert_count_is_refused(checkpoints):
         spec_from_config(config)
 
 
-def test_tensor_parallel_moe_is_refused(checkpoints, tmp_path):
-    model_dir, _ = checkpoints.checkpoint("MixtralForCausalLM")
-    with pytest.raises(OptionsError, match=r"--tp 2: tensor parallelism of MoE models \(MixtralForCausalLM\)"):
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+@pytest.mark.parametrize("architecture", ["Qwen2MoeForCausalLM", "MixtralForCausalLM"])
+def test_tensor_parallel_expert_shards_sum_to_the_whole(checkpoints, tmp_path, architecture, layout):
+    """Each --tp 2 rank's MoE block returns a partial sum (routed and shared experts); the two add up to the
+    whole block's output from either expert layout: the merged gate/up rows are sliced half by half."""
+    model_dir, _ = checkpoints.checkpoint(architecture)
+    if layout == "fused":
+        model_dir = fused_layout(model_dir, tmp_path / "fused")
+    whole = build_model(model_dir, torch.float32, 64)
+    block = whole.model.layers[0].ffn_name
+    x = torch.randn(7, whole.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    partials = []
+    for rank in (0, 1):
+        shard = getattr(build_model(model_dir, torch.float32, 64, tp=TensorParallel(rank, 2)).model.layers[0], block)
+        shard.tp = TensorParallel()  # the block's all-reduce left out: the test adds the partials
+        partials.append(shard(x))
+    assert relative_error(partials[0] + partials[1], getattr(whole.model.layers[0], block)(x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("architecture", "overrides", "what"),
+    [
+        ("Qwen3MoeForCausalLM", dict(moe_intermediate_size=31), "expert intermediate size 31"),
+        ("Qwen2MoeForCausalLM", dict(shared_expert_intermediate_size=47), "shared expert intermediate size 47"),
+    ],
+)
+def test_tensor_parallel_experts_that_do_not_divide_are_refused(checkpoints, tmp_path, architecture, overrides, what):
+    model_dir, _ = checkpoints.checkpoint(architecture, **overrides)
+    with pytest.raises(OptionsError, match=rf"^--tp 2: {architecture}'s {what} is not divisible by 2$"):
         xllm_compiler.compile(model_dir, tmp_path / "out", tp=2)
     assert not (tmp_path / "out").exists()
 

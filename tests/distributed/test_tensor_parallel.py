@@ -1,6 +1,7 @@
 """Tensor parallelism end to end: --tp 2 artifacts run under torchrun (gloo, 2 CPU processes) against
 the --tp 1 artifact and transformers, the overlap passes on and off, the artifact's layout, refusals,
-and ranks that die or stall.
+and ranks that die or stall; the mixture-of-experts architectures (experts sharded on their
+intermediate dim, one all-reduce per MoE layer) in the same launch.
 
 Each torchrun launch costs seconds of start-up, so one launch of ``worker.py`` runs every tensor-parallel
 artifact of the module (all architectures, all pass variants) and the tests read its JSON answers.
@@ -26,7 +27,15 @@ import torch
 from safetensors import safe_open
 
 import xllm_compiler
-from tests.hf_oracle import ARCHITECTURE_CONFIGS, TINY, hf_greedy, hf_last_logits, mixed_prompts
+from tests.hf_oracle import (
+    ARCHITECTURE_CONFIGS,
+    MOE_ARCHITECTURE_CONFIGS,
+    TINY,
+    hf_greedy,
+    hf_last_logits,
+    mixed_prompts,
+)
+from tests.test_capture_safety import artifact_graphs
 from xllm_compiler import cli, run
 from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.errors import ConfigError, InputError
@@ -37,6 +46,8 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS)
+#: Kept apart from ARCHITECTURES, whose tests count dense-model collectives and layouts.
+MOE_ARCHITECTURES = sorted(MOE_ARCHITECTURE_CONFIGS)
 #: micro_batch_min_tokens=8 (the default is 256) so that the tiny buckets below are split too.
 OPTIONS = dict(
     decode_buckets=[1, 2, 4, 8], prefill_buckets=[16, 32], max_seq_len=64, cache_dir="", micro_batch_min_tokens=8
@@ -160,12 +171,13 @@ class TensorParallelRun:
 
 @pytest.fixture(scope="module")
 def tp_run(checkpoints, tmp_path_factory) -> TensorParallelRun:
-    """Every architecture at --tp 1 and --tp 2, Llama's pass variants and a --tp 2 compile restored from the
-    compile cache; the --tp 1 artifacts run here, all --tp 2 ones in one torchrun launch of 2 ranks."""
+    """Every architecture (dense and MoE) at --tp 1 and --tp 2, Llama's pass variants and a --tp 2 compile
+    restored from the compile cache; the --tp 1 artifacts run here, all --tp 2 ones in one torchrun launch
+    of 2 ranks."""
     root = tmp_path_factory.mktemp("tp")
     prompts = mixed_prompts(TINY["vocab_size"], lengths=PROMPT_LENGTHS)
     state = TensorParallelRun(prompts)
-    for architecture in ARCHITECTURES:
+    for architecture in (*ARCHITECTURES, *MOE_ARCHITECTURES):
         model_dir, hf_model = checkpoints.checkpoint(architecture)
         state.hf[architecture] = hf_model
         state.tp1[architecture] = checkpoints.artifact(model_dir, **OPTIONS)
@@ -208,6 +220,34 @@ def test_tp2_matches_tp1_and_transformers(tp_run, architecture):
     hf_model = tp_run.hf[architecture]
     assert relative_error(logits, hf_last_logits(hf_model, tp_run.prompts)) < 1e-4
     assert ours["tokens"] == [hf_greedy(hf_model, p, NEW_TOKENS) for p in tp_run.prompts]
+
+
+@pytest.mark.parametrize("architecture", MOE_ARCHITECTURES)
+def test_moe_tp2_matches_tp1(tp_run, architecture):
+    """Sharding every expert's intermediate dim changes only the order of a sum: fp32 logits within 1e-5
+    relative of --tp 1, and the same greedy tokens."""
+    ours, reference = tp_run.result(architecture), tp_run.reference[architecture]
+    assert relative_error(torch.tensor(ours["logits"]), reference["logits"]) < 1e-5
+    assert ours["tokens"] == reference["tokens"]
+
+
+def collectives_and_moe_ops(artifact: Path, bucket: str) -> tuple[int, int]:
+    """(all-reduces, fused MoE ops) in one bucket's graph; an all-reduce fused with its add + norm counts."""
+    graph = next(g for rel, g in artifact_graphs(artifact).items() if Path(rel).stem == bucket)
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return sum("all_reduce" in t for t in targets), sum(t.startswith("xllm.fused_moe") for t in targets)
+
+
+@pytest.mark.parametrize("architecture", MOE_ARCHITECTURES)
+def test_moe_layer_has_one_all_reduce(tp_run, architecture):
+    """Per layer, attention's all-reduce and the MoE block's: the shared expert's partial sum joins the
+    routed experts' before the block's one collective. The experts stay one fused op per layer, and the
+    split buckets hold all of it twice, once per micro-batch."""
+    layers = tp_run.hf[architecture].config.num_hidden_layers
+    for bucket in WHOLE_BUCKETS:
+        assert collectives_and_moe_ops(tp_run.tp2[architecture], bucket) == (2 * layers, layers), bucket
+    for bucket in SPLIT_BUCKETS:
+        assert collectives_and_moe_ops(tp_run.tp2[architecture], bucket) == (4 * layers, 2 * layers), bucket
 
 
 def test_run_exercised_the_split_graphs_and_the_fallback(tp_run):
