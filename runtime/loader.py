@@ -92,8 +92,9 @@ def load(
     weights_name = manifest.tensor_parallel.weights[group.rank]
     graph_files = manifest.graph_files()
     others = set(manifest.tensor_parallel.weights) - {weights_name}  # each rank verifies the shards it reads
-    verifier = FileVerifier(root, manifest, [rel for rel in manifest.files if rel not in others])
-    verifier.wait([rel for rel in manifest.files if rel != weights_name and rel not in others])
+    verified = [rel for rel in manifest.files if rel not in others]
+    verifier = FileVerifier(root, manifest, verified)
+    verifier.wait([rel for rel in verified if rel != weights_name])  # the weights' hash runs on while they are read
 
     read = {name: _read_graph(root, rel, torch_device) for name, rel in graph_files.items()}
     arena_bytes = max(size for _, size, _ in read.values())

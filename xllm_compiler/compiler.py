@@ -152,19 +152,26 @@ class CompilePlan:
     model_dir: Path
     spec: ModelSpec
     dtype: torch.dtype
-    max_seq_len: int
+    limits: MaxSeqLen
     buckets: list[Bucket]
-    device: str
+    lowering: Lowering
     passes: list[GraphPass]
     bucket_passes: list[GraphPass]
     source_sha256: str
     trace: Trace | None
     key: str
-    limits: MaxSeqLen
 
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.limits.value
+
+    @property
+    def device(self) -> str:
+        return self.lowering.platform
 
 
 def _bucket_sizes(
@@ -214,10 +221,7 @@ def plan_compile(
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
         }
     )
-    device = lowering.platform
-    return CompilePlan(
-        model_dir, spec, dtype, max_seq_len, buckets, device, passes, bucket_passes, source, trace, key, limits
-    )
+    return CompilePlan(model_dir, spec, dtype, limits, buckets, lowering, passes, bucket_passes, source, trace, key)
 
 
 def with_platform_block_size(options: CompileOptions, lowering: Lowering) -> CompileOptions:
@@ -250,13 +254,14 @@ def compile_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, options.force, model_dir)
     platform = get_platform(options.device)
-    options = with_platform_block_size(options, platform.lowering())
+    lowering = platform.lowering()
+    options = with_platform_block_size(options, lowering)
     passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
-    bucket_passes = bucket_passes_for(options, platform.lowering())
+    bucket_passes = bucket_passes_for(options, lowering)
     cache = resolve_cache(options)
     report = CompileReport(listener=listener)
     with report.stage("config", "Reading config.json and planning"):
-        plan = plan_compile(model_dir, options, platform.lowering(), passes, bucket_passes, cache)
+        plan = plan_compile(model_dir, options, lowering, passes, bucket_passes, cache)
         report.sections["limits"] = plan.limits.to_json()
         report.sections["tokenizer"] = check_tokenizer(model_dir / TOKENIZER_FILE, plan.spec.vocab_size).to_json()
     if platform.name == "cpu" and native.needs_build():  # so the first load need not wait a minute for them
@@ -463,7 +468,7 @@ def _manifest(
             eos_token_ids=list(spec.eos_token_ids),
         ),
         target_device=plan.device,
-        lowering=LoweringRecord(plan.device, get_platform(plan.device).lowering().version),
+        lowering=LoweringRecord(plan.lowering.platform, plan.lowering.version),
         kv_cache=KVCacheLayout(block_size=options.block_size, reserved_blocks=RESERVED_BLOCKS),
         tensor_parallel=TensorParallelLayout(size=options.tp, weights=weight_files),
         inputs=calling_convention(),

@@ -230,10 +230,6 @@ class Manifest:
         """Bytes of one rank's weights file (every rank's is about the same size)."""
         return self.files[self.tensor_parallel.weights[0]].bytes
 
-    @property
-    def artifact_bytes(self) -> int:
-        return sum(entry.bytes for entry in self.files.values())
-
     def graph_files(self) -> dict[str, str]:
         """Every graph the runtime loads, by name: each bucket's, and 'dynamic' for the fallback."""
         return {FALLBACK_GRAPH: self.fallback_graph, **{b.bucket.name: b.graph for b in self.buckets}}
