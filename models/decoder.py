@@ -111,9 +111,11 @@ class Experts(nn.Module):
     """Every routed expert's weights, stacked: gate and up merged at load (see models/weights.py). With
     tensor parallelism, this rank's slice of each expert's intermediate dim (of gate and of up)."""
 
-    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel):
+    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel, moe_layer: int):
         super().__init__()
         experts, hidden, size = moe.num_experts, spec.hidden_size, tp.local(moe.expert_intermediate_size)
+        # What this rank's slots hold once models/parallel.py's keep_local_experts has dropped the rest.
+        self.rows = tp.ep.rows(moe_layer, experts) if tp.ep.size > 1 else None
         # Random at nn.Linear's scale: the checkpoint replaces them, but a graph traced without one needs values.
         self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * size, hidden) * hidden**-0.5)
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, size) * size**-0.5)
@@ -126,22 +128,32 @@ class SparseMoE(nn.Module):
     With tensor parallelism the router and its gates are replicated (every rank routes the same tokens
     to the same experts), the experts and the shared expert return partial sums, and one all-reduce
     adds them: the shared expert's partial goes in before it, so the layer has one collective, not two.
+    With expert parallelism (models/parallel.py) each rank runs only the experts its ``expert_table``
+    names; the all-reduce adds the ranks' partial sums, and the replicated shared expert joins after it.
     """
 
-    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel):
+    def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel, moe_layer: int):
         super().__init__()
         self.moe, self.tp = moe, tp
         self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
-        self.experts = Experts(spec, moe, tp)
+        self.experts = Experts(spec, moe, tp, moe_layer)  # all: keep_local_experts drops others after loading
+        table, self.columns = tp.ep.expert_table(moe_layer, moe.num_experts) if tp.ep.size > 1 else (None, 1)
+        self.register_buffer("expert_table", table)  # None: this rank holds every expert
+        # Tokens routed to each expert (and, last, tokens seen): the runtime's expert stats (ops/moe.py).
+        self.register_buffer("expert_counts", torch.zeros(moe.num_experts + 1, dtype=torch.int64, device="cpu"))
         if moe.shared_expert_size:
             self.shared_expert = MLP(spec, tp, moe.shared_expert_size, reduce=False)
             self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+    def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:  # [T, H], [T]
         weights, ids = route_topk(self.gate(x), self.moe.top_k, self.moe.renormalise)  # [T, k] each
         if self.moe.weights_in_model_dtype:
             weights = weights.to(x.dtype)
-        out = torch.ops.xllm.moe_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
+        experts = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.expert_table, self.columns)
+        counts = self.expert_counts if slot_mapping is not None else None  # no slots, no padding to tell apart
+        out = torch.ops.xllm.moe_experts(*experts, counts, slot_mapping)
+        if self.expert_table is not None:
+            out = all_reduce(out, TRACED_GROUP)
         if self.moe.shared_expert_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out, TRACED_GROUP) if self.tp.size > 1 else out
@@ -153,13 +165,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec, layer, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
-        self.ffn_name = spec.moe.module if sparse else "mlp"  # Mixtral's checkpoints say block_sparse_moe
-        self.add_module(self.ffn_name, SparseMoE(spec, spec.moe, tp) if sparse else MLP(spec, tp))
+        self.sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
+        self.ffn_name = spec.moe.module if self.sparse else "mlp"  # Mixtral's checkpoints say block_sparse_moe
+        moe_layer = sum(spec.moe.sparse_layers[:layer]) if self.sparse else 0  # its index among the MoE layers
+        self.add_module(self.ffn_name, SparseMoE(spec, spec.moe, tp, moe_layer) if self.sparse else MLP(spec, tp))
 
     def forward(self, h, cos, sin, kv_cache, step):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, step)
-        return h + getattr(self, self.ffn_name)(self.post_attention_layernorm(h))
+        ffn_inputs = (step["slot_mapping"],) if self.sparse else ()  # MoE counts real (non-padding) tokens
+        return h + getattr(self, self.ffn_name)(self.post_attention_layernorm(h), *ffn_inputs)
 
 
 class DecoderModel(nn.Module):

@@ -1,4 +1,5 @@
-"""Tensor parallelism of the decoder: which dims each rank holds, and how checkpoint tensors shard.
+"""Tensor and expert parallelism of the decoder: which dims and experts each rank holds, and how
+checkpoint tensors shard.
 
 Attention is split by groups of KV heads (each rank owns num_kv_heads / tp KV heads and the query
 heads that read them), the MLP by intermediate columns. Projections into a layer (q, k, v, gate, up)
@@ -10,13 +11,33 @@ all-reduce of the layer (as xLLM does), not after a second.
 The embedding and LM head are replicated: at the sizes this project targets they are cheap next to
 the layers, and sharding them would add two collectives per step (a gather of logits, a reduce of
 embeddings) on the path every token takes.
+
+Expert parallelism (``--ep N``) gives rank r the contiguous experts [r * E/N, (r + 1) * E/N) of every
+MoE layer and replicates everything else: attention, the router, dense layers' MLPs and Qwen2-MoE's
+shared expert (each rank computes them for every token, as EP without data-parallel attention does).
+Tokens then need no dispatch at all: every rank already holds every token's hidden state, runs its
+own experts over the rows routed to them and skips the rest, and one all-reduce of the [T, H] partial
+sums is the layer's output (the shared expert's replicated output is added after it, once). This is
+the all-gather + reduce-scatter scheme with the all-gather free (attention is replicated, so every
+rank already has every token) and the reduce-scatter + the next layer's all-gather done as the one
+all-reduce they add up to. Why not all-to-all: with data-dependent split sizes it breaks static
+shapes per bucket and graph capture (the host must read the splits), and with static, worst-case
+capacities each rank would send (N-1)/N * T * min(k, E/N) rows per direction, never fewer than the
+all-reduce's 2 (N-1)/N * T rows. The all-reduce is also what the overlap passes already split and
+schedule (passes/comm). Which experts a rank holds is data (an int64 ``expert_table`` weight per
+layer, ops/moe.py), not a literal, so every rank traces the very same graph.
+``--tp`` and ``--ep`` do not combine yet: one of them must be 1 (refused otherwise).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
 
 from xllm_compiler.errors import ConfigError, OptionsError
+from xllm_compiler.experts.placement import Placement
 from xllm_compiler.models.config import ModelSpec
 
 #: Checkpoint tensor (by name suffix) -> the dim it is split along across ranks.
@@ -36,14 +57,58 @@ TRACED_GROUP = "tp"
 
 
 @dataclass(frozen=True)
-class TensorParallel:
-    """This rank's place in a tensor-parallel group (size 1: no parallelism)."""
+class ExpertParallel:
+    """This rank's place in an expert-parallel group (size 1: every rank holds every expert), and the
+    placement plan of the experts over the ranks (None: contiguous, one replica each)."""
 
     rank: int = 0
     size: int = 1
+    placement: Placement | None = None
+
+    def check(self, spec: ModelSpec) -> None:
+        """Refuse a dense model, or an expert count the ranks do not divide."""
+        if self.size == 1:
+            return
+        if spec.moe is None:
+            raise OptionsError(f"--ep {self.size}: {spec.architecture} has no experts to distribute")
+        if spec.moe.num_experts % self.size:
+            raise OptionsError(f"--ep {self.size} does not divide {spec.architecture}'s {spec.moe.num_experts} experts")
+
+    def span(self, num_experts: int) -> tuple[int, int]:
+        """[start, end) of the experts this rank holds."""
+        part = num_experts // self.size
+        return self.rank * part, (self.rank + 1) * part
+
+    def rows(self, moe_layer: int, num_experts: int) -> list[int]:
+        """The logical expert in each of this rank's physical slots of MoE layer ``moe_layer``."""
+        if self.placement is None:
+            return list(range(*self.span(num_experts)))
+        return self.placement.layers[moe_layer].slots[self.rank]
+
+    def expert_table(self, moe_layer: int, num_experts: int) -> tuple[torch.Tensor, int]:
+        """(table, columns) of ops/moe.py for MoE layer ``moe_layer``: for expert e and column j, at
+        e * columns + j, the slot serving it on this rank, or -1. Without a plan, one column each."""
+        if self.placement is None:
+            table = [-1] * num_experts
+            for slot, expert in enumerate(self.rows(moe_layer, num_experts)):
+                table[expert] = slot
+            return torch.tensor(table, dtype=torch.int64, device="cpu"), 1
+        plan = self.placement.layers[moe_layer]
+        return torch.tensor(plan.table(self.rank), dtype=torch.int64, device="cpu"), len(plan.columns[0])
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in a tensor-parallel group (size 1: no parallelism), and in the expert-parallel
+    group that shares the same ranks (``ep``; --tp and --ep do not combine yet)."""
+
+    rank: int = 0
+    size: int = 1
+    ep: ExpertParallel = field(default_factory=ExpertParallel)
 
     def check(self, spec: ModelSpec) -> None:
         """Refuse a model whose heads, MLP or experts do not divide evenly over the ranks."""
+        self.ep.check(spec)
         for what, count in (
             ("expert intermediate size", spec.moe.expert_intermediate_size if spec.moe else 0),
             ("shared expert intermediate size", spec.moe.shared_expert_size if spec.moe else 0),
@@ -78,3 +143,28 @@ class TensorParallel:
         """[start, end) of this rank's part of a dim of size ``count``."""
         part = count // self.size
         return self.rank * part, (self.rank + 1) * part
+
+
+def parallel_ranks(tp: int, ep: int, placement: Placement | None = None) -> list[TensorParallel]:
+    """Every rank's place for ``--tp tp --ep ep`` (and the experts' placement plan, with ep); OptionsError
+    if both are above 1."""
+    if tp > 1 and ep > 1:
+        raise OptionsError(f"--tp {tp} and --ep {ep} do not combine yet: use one of them (the other 1)")
+    if ep > 1:
+        return [TensorParallel(ep=ExpertParallel(rank, ep, placement)) for rank in range(ep)]
+    return [TensorParallel(rank, tp) for rank in range(tp)]
+
+
+def keep_local_experts(model: nn.Module, parallel: TensorParallel) -> nn.Module:
+    """Keep in ``model`` (built with every expert, as the checkpoint stores them) the experts this rank's
+    slots hold: each stacked ``gate_up_proj``/``down_proj`` becomes its ``rows`` (replicas repeat a row)."""
+    if parallel.ep.size == 1:
+        return model
+    for module in model.modules():
+        rows = getattr(module, "rows", None)
+        if rows is not None:
+            index = torch.tensor(rows, dtype=torch.int64)
+            for name in ("gate_up_proj", "down_proj"):
+                local = getattr(module, name).index_select(0, index)
+                setattr(module, name, nn.Parameter(local, requires_grad=False))
+    return model

@@ -24,12 +24,14 @@ TRACED_GROUP = "tp"  # the group name models trace into their collectives
 
 
 class TensorParallelGroup:
-    """This process's rank in a group of ``size`` (size 1: a single-process run, no collectives)."""
+    """This process's rank in a group of ``size`` (size 1: a single-process run, no collectives).
+    ``layout`` names the artifact's parallelism in errors (default: tensor-parallel)."""
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, layout: str | None = None):
         self.size = size
         self.rank = 0
         self.group_name = ""
+        self.layout = layout or f"tensor-parallel (tp={size})"
         if size > 1:
             self._join(device)
 
@@ -38,10 +40,7 @@ class TensorParallelGroup:
 
         if not dist.is_initialized():
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-                raise DeviceError(
-                    f"this artifact is tensor-parallel (tp={self.size}): run it under torchrun "
-                    f"--nproc-per-node {self.size}"
-                )
+                raise DeviceError(f"this artifact is {self.layout}: run it under torchrun --nproc-per-node {self.size}")
             timeout = timedelta(seconds=float(os.environ.get("XLLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
             dist.init_process_group(backend=BACKENDS[device.type], timeout=timeout)
             # Tear the group down before the interpreter does: a backend thread still finishing a
@@ -49,7 +48,7 @@ class TensorParallelGroup:
             atexit.register(dist.destroy_process_group)
         if dist.get_world_size() != self.size:
             raise DeviceError(
-                f"this artifact is tensor-parallel (tp={self.size}) but the process group has "
+                f"this artifact is {self.layout} but the process group has "
                 f"{dist.get_world_size()} ranks (use --nproc-per-node {self.size})"
             )
         self.rank = dist.get_rank()

@@ -238,3 +238,32 @@ def test_onnx_export_of_an_moe_artifact_is_refused(checkpoints, tmp_path):
     artifact = checkpoints.artifact(checkpoints.checkpoint("MixtralForCausalLM")[0])
     with pytest.raises(OptionsError, match=r"^op xllm\.fused_moe\.default has no ONNX form yet"):
         xllm_compiler.export_onnx(artifact, tmp_path / "m.onnx", "decode", 1)
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["contiguous", "placement-plan"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_expert_parallel_partial_sums_add_up_to_the_whole(checkpoints, architecture, planned):
+    """Each --ep 2 rank's routed experts (its own slots, a replica of each hot expert with a plan) return a
+    partial sum over the (token, expert) pairs its table gives it; the two add up to the whole op's output."""
+    from xllm_compiler.experts.placement import plan_placement
+    from xllm_compiler.models.parallel import ExpertParallel, keep_local_experts
+
+    model_dir, _ = checkpoints.checkpoint(architecture)
+    whole = build_model(model_dir, torch.float32, 64)
+    moe = whole.spec.moe
+    block = getattr(whole.model.layers[0], whole.model.layers[0].ffn_name)
+    x = torch.randn(7, whole.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    weights, ids = route_topk(block.gate(x), moe.top_k, moe.renormalise)
+    slots = torch.arange(1, 8) * 3  # KV slots pick each token's replica
+    load = [[int(c) for c in torch.bincount(ids.flatten(), minlength=moe.num_experts)]] * sum(moe.sparse_layers)
+    placement = plan_placement(load, ranks=2, redundant=2) if planned else None
+    expected = torch.ops.xllm.moe_experts(x, weights, ids, block.experts.gate_up_proj, block.experts.down_proj)
+    partials = []
+    for rank in (0, 1):
+        parallel = TensorParallel(ep=ExpertParallel(rank, 2, placement))
+        shard = keep_local_experts(build_model(model_dir, torch.float32, 64, tp=parallel), parallel)
+        mine = getattr(shard.model.layers[0], shard.model.layers[0].ffn_name)
+        local = (mine.experts.gate_up_proj, mine.experts.down_proj, mine.expert_table, mine.columns)
+        partials.append(torch.ops.xllm.moe_experts(x, weights, ids, *local, None, slots))
+        assert mine.experts.gate_up_proj.shape[0] == (moe.num_experts + (2 if planned else 0)) // 2
+    assert relative_error(partials[0] + partials[1], expected) < 1e-5

@@ -9,7 +9,8 @@ JOBS.json: ``{"artifacts": {name: path}, "prompts": [[ids...]], "max_new_tokens"
 Every rank loads each artifact with ``xllm_compiler.load`` (the first load joins the process group),
 runs ``logits()``, greedy ``generate()`` and ``generate(temperature=1.0, seed=S + 1000 * rank)`` (eos
 ignored) on the prompts, and writes ``OUT_DIR/rank<r>.json``: ``{"rank", "world_size", "seconds",
-"results": {name: {"logits", "tokens", "sampled", "graphs"}}}`` (``graphs``: those the run used). Rank
+"results": {name: {"logits", "tokens", "sampled", "graphs", "expert_stats"}}}`` (``graphs``: those the run
+used; ``expert_stats``: ``CompiledModel.expert_stats()`` after the three calls). Rank
 0's file is the answer; the others let a test check that the ranks agree.
 
 With ``xllm_run``, each rank then runs ``xllm_compiler.run.main(argv)`` (xllm-run in this process), then
@@ -36,6 +37,20 @@ import time
 from pathlib import Path
 
 
+def greedy_with_whole_prompts(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens through a scheduler whose step budget holds every prompt whole: prompts longer than every
+    prefill bucket run on the dynamic fallback graph (generate() would prefill them in chunks)."""
+    import torch
+
+    from xllm_compiler.runtime.requests import Request, SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    scheduler = model.make_scheduler(max_num_batched_tokens=sum(map(len, prompts)))
+    with torch.inference_mode():
+        outputs = scheduler.run(Request(str(i), p, params) for i, p in enumerate(prompts))
+    return [[t for out in outputs[str(i)] for t in out.new_tokens] for i in range(len(prompts))]
+
+
 def run_jobs(jobs: dict, rank: int, exit_after_load: int | None, stall_after_load: int | None) -> dict:
     import torch.distributed as dist
 
@@ -56,7 +71,9 @@ def run_jobs(jobs: dict, rank: int, exit_after_load: int | None, stall_after_loa
             "logits": model.logits(prompts).tolist(),
             "tokens": model.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True),
             "sampled": model.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=seed, ignore_eos=True),
+            "whole_prompts": greedy_with_whole_prompts(model, prompts, new_tokens),
             "graphs": model.engine.graphs.resident(),
+            "expert_stats": model.expert_stats(),
         }
     report = {"results": results}
     if models:
