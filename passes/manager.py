@@ -36,10 +36,15 @@ from xllm_compiler.passes.fusion.merge_qkv_projections import merge_qkv_projecti
 from xllm_compiler.passes.fusion.select_rows_before_final_norm import select_rows_before_final_norm
 from xllm_compiler.passes.graph_pass import GraphPass
 from xllm_compiler.passes.memory.plan_memory import PlanMemory, PlanMemoryOptions, plan_memory
+from xllm_compiler.passes.quant.quantize_linear_weights import (
+    QuantizeLinearWeights,
+    QuantizeOptions,
+    quantize_linear_weights,
+)
 
 
-def default_pipeline() -> list[GraphPass]:
-    """Every pass, in the order it runs."""
+def default_pipeline(quantize: QuantizeOptions | None = None) -> list[GraphPass]:
+    """Every pass, in the order it runs (``quantize``: the weight quantization asked for; none by default)."""
     return [
         # Cleanup: make the traced graph canonical, so that the patterns below see one form.
         remove_noop_ops,
@@ -50,6 +55,8 @@ def default_pipeline() -> list[GraphPass]:
         merge_gate_up_projections,
         # Evaluate weight-only subgraphs (the merged weights) once, into stored weights.
         fold_constants,
+        # Quantize the (merged) linear weights, when asked: linears become xllm::linear_w8.
+        quantize_linear_weights if quantize is None else QuantizeLinearWeights(quantize),
         # Fuse elementwise chains into xllm:: ops (residual+norm before plain norm: it is the larger).
         fuse_add_rms_norm,
         fuse_rms_norm,

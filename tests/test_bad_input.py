@@ -827,8 +827,11 @@ def test_a_failing_pass_exits_1_with_one_line_naming_it(llama_dir, tmp_path, cap
     def look_up_scales(gm):
         return PassResult(changed=bool({}["weight.x"]))
 
+    from xllm_compiler import compiler
+
     pipeline = manager.default_pipeline
-    monkeypatch.setattr(manager, "default_pipeline", lambda: [*pipeline(), look_up_scales])
+    for module in (manager, compiler):
+        monkeypatch.setattr(module, "default_pipeline", lambda *args: [*pipeline(*args), look_up_scales])
     out = tmp_path / "out"
     rc, stdout, err = call(cli.main, [llama_dir, out, "--quiet", "--no-cache", *SMALL_ARGS], capsys)
     assert rc == 1

@@ -8,6 +8,9 @@
   weights at about the memory's read bandwidth, where aten.linear's GEMV reaches a third to a half of it
   (docs/performance.md). Where the kernels could not be built, linear layers stay aten.linear on the
   plain weights.
+- every ``xllm::linear_w8`` (int8 weights, a compile with ``--quantize int8``) runs ops/cpu_quant.cpp's
+  VNNI kernel on its int8 weight packed once, where it was built and takes the input dtype (float32,
+  bfloat16); elsewhere the op's composite runs on the plain int8 weight.
 
 The packing happens as the weights are read (``weight_preparer``, for runtime/weights.py): each linear
 weight is packed the moment it arrives and its plain copy dropped, so a load never holds both forms of
@@ -19,6 +22,7 @@ of the weights. Only a weight some other op reads keeps its plain copy too.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import fx
@@ -31,6 +35,7 @@ from xllm_compiler.runtime.weights import PrepareWeight
 aten = torch.ops.aten
 LINEAR = (aten.linear.default, aten.linear.out)
 EMBEDDING = (aten.embedding.default, aten.embedding.out)
+INT8_LINEAR = (torch.ops.xllm.linear_w8.default, torch.ops.xllm.linear_w8_out.default)
 PACKED_SUFFIX = "_packed"
 
 
@@ -39,6 +44,7 @@ def lowered_targets() -> frozenset:
     composites) and the packed linear layers."""
     native = native_kernels()
     packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
+    packed += [native.int8_linear_out, native.int8_linear]
     return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *(packed if native is not None else [])])
 
 
@@ -65,8 +71,11 @@ class CpuPlatform(Platform):
         no graph reads."""
         as_linear, as_gather, as_other = _weight_uses(graphs)
         dtypes = packable_dtypes()
+        as_int8 = _int8_linear_weights(graphs)
 
         def prepare(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+            if name in as_int8:  # read only by xllm::linear_w8, on inputs the int8 kernel takes
+                return {name + PACKED_SUFFIX: native_kernels().pack_int8_weight(tensor)}
             if name in as_linear and tensor.dtype in dtypes and tensor.dim() == 2:
                 packed = {name + PACKED_SUFFIX: native_kernels().pack_linear_weight(tensor)}
                 return {**packed, name: tensor} if name in as_other else packed
@@ -82,7 +91,9 @@ class CpuPlatform(Platform):
             for node in list(graph.nodes):
                 if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
                     continue
-                if node.target.namespace == "xllm" and node.target.name() in kernels:
+                if node.target in INT8_LINEAR and _packed(_argument(node, "qweight")) in weights:
+                    _use_int8_linear(graph, node)
+                elif node.target.namespace == "xllm" and node.target.name() in kernels:
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1]) and _packed(node.args[1]) in weights:
                     _use_packed_linear(graph, node)
@@ -159,4 +170,43 @@ def _use_packed_embedding(graph: fx.Graph, node: fx.Node) -> None:
         node.target, node.args = native.packed_embedding_out, (packed_node, indices, rows, node.kwargs["out"])
     else:
         node.target, node.args = native.packed_embedding, (packed_node, indices, rows, k_size)
+    node.kwargs = {}
+
+
+def _argument(node: fx.Node, name: str) -> Any:
+    """Argument ``name`` of an op call, positional or keyword (plan_memory passes out forms by keyword)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return {**dict(zip(names, node.args, strict=False)), **node.kwargs}.get(name)
+
+
+def _int8_linear_weights(graphs: dict[str, fx.Graph]) -> set[str]:
+    """Stored int8 weights that only xllm::linear_w8 reads, as its qweight, on inputs of a dtype the int8
+    kernel (ops/cpu_quant.cpp) takes: those it runs on, packed (an empty set where it was not built)."""
+    native = native_kernels()
+    if native is None:
+        return set()
+    dtypes = set(native.int8_linear_dtypes())
+    packable: set[str] = set()
+    refused: set[str] = set()
+    for graph in graphs.values():
+        for node in graph.nodes:
+            for user in node.users if node.op == "get_attr" else ():
+                x = _argument(user, "x") if user.op == "call_function" and user.target in INT8_LINEAR else None
+                meta = x.meta.get("xllm_meta") if isinstance(x, fx.Node) else None
+                ok = _argument(user, "qweight") is node and isinstance(meta, dict) and meta.get("dtype") in dtypes
+                (packable if ok else refused).add(node.target)
+    return packable - refused
+
+
+def _use_int8_linear(graph: fx.Graph, node: fx.Node) -> None:
+    native = native_kernels()
+    qweight = _argument(node, "qweight")
+    x, scale, bias = (_argument(node, name) for name in ("x", "scale", "bias"))
+    with graph.inserting_before(node):
+        packed_node = graph.get_attr(_packed(qweight))
+    if node.target is torch.ops.xllm.linear_w8_out.default:
+        node.target, node.args = native.int8_linear_out, (x, packed_node, scale, bias, _argument(node, "out"))
+    else:
+        out_features = qweight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain is gone
+        node.target, node.args = native.int8_linear, (x, packed_node, scale, bias, out_features)
     node.kwargs = {}

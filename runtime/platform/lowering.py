@@ -121,15 +121,23 @@ _PAGED_PREFILL = Kernel(
     phase=PREFILL,
 )
 
+_WEIGHT_QUANT_MATMUL = (
+    "torch_npu.npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor? "
+    "antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor? bias=None, "
+    "int antiquant_group_size=0, int inner_precise=0, int? weight_dtype=None) -> Tensor  [x (M, K) float16 or "
+    "bfloat16; weight int8 (K, N): qweight.t(); per-channel antiquant_scale (N,) in x's dtype; bias float32 for "
+    "a bfloat16 x; no out= form]"
+)
 _MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_moe_experts_out")
 _FUSED_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_fused_moe_out")
 
 #: torch_npu 2.13.0. The four ``*_out`` forms of the elementwise ops have no NPU kernel (none of
-#: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload): on NPU they stay
-#: functional. Attention's out form does: _npu_paged_attention writes into ``out``.
+#: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload), nor has linear_w8's
+#: (npu_weight_quant_batchmatmul): on NPU they stay functional. Attention's out form does:
+#: _npu_paged_attention writes into ``out``.
 NPU_LOWERING = Lowering(
     platform="npu",
-    version=2,
+    version=3,
     kernels={
         "xllm::rms_norm": (
             Kernel(
@@ -162,6 +170,7 @@ NPU_LOWERING = Lowering(
         "xllm::moe_experts_out": (_MOE_COMPOSITE,),
         "xllm::fused_moe": (_FUSED_MOE_COMPOSITE,),
         "xllm::fused_moe_out": (_FUSED_MOE_COMPOSITE,),
+        "xllm::linear_w8": (Kernel("torch_npu.npu_weight_quant_batchmatmul", _WEIGHT_QUANT_MATMUL),),
     },
     block_size_multiple=128,
     max_block_size=512,

@@ -5,7 +5,7 @@ Importing this package registers the ops; every other part of the project may im
 directly instead of going through the dispatcher (one Python call instead of a round trip).
 """
 
-from xllm_compiler.ops import activation, attention, collectives, moe, norm, reference, rotary
+from xllm_compiler.ops import activation, attention, collectives, moe, norm, quant, reference, rotary
 
 KERNELS = {
     "xllm::rms_norm": norm.rms_norm_kernel,
@@ -24,6 +24,8 @@ KERNELS = {
     "xllm::moe_experts_out": moe.moe_experts_out_kernel,
     "xllm::fused_moe": moe.fused_moe_kernel,
     "xllm::fused_moe_out": moe.fused_moe_out_kernel,
+    "xllm::linear_w8": quant.linear_w8_kernel,
+    "xllm::linear_w8_out": quant.linear_w8_out_kernel,
 }
 
 #: The ``*_out`` form of each op, with the names of its output arguments in return order: the memory
@@ -36,6 +38,7 @@ OUT_FORMS = {
     "xllm::paged_attention": ("xllm::paged_attention_out", ("out",)),
     "xllm::moe_experts": ("xllm::moe_experts_out", ("out",)),
     "xllm::fused_moe": ("xllm::fused_moe_out", ("out",)),
+    "xllm::linear_w8": ("xllm::linear_w8_out", ("out",)),
 }
 #: The capture-safe kernel of each op whose KERNELS entry takes a host-side path on the CPU: what CUDA
 #: and NPU graphs run where no fused kernel takes the op, and what the capture-safety audit checks.
@@ -50,6 +53,7 @@ __all__ = [
     "collectives",
     "moe",
     "norm",
+    "quant",
     "reference",
     "rotary",
 ]

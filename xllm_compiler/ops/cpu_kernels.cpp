@@ -278,6 +278,7 @@ bool paged_decode_out(torch::Tensor query, torch::Tensor key, torch::Tensor valu
 }  // namespace
 
 void register_linear(pybind11::module& m);  // cpu_linear.cpp
+void register_quant(pybind11::module& m);   // cpu_quant.cpp
 
 // Argument names are the xllm:: op schemas' (graphs may pass any argument by keyword).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -289,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
         py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
   register_linear(m);
+  register_quant(m);
   m.def("paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
         py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),

@@ -1,5 +1,5 @@
-"""The CPU kernels of cpu_kernels.cpp (fused xllm ops, decode attention) and cpu_linear.cpp (packed
-linear layers), built once per machine with torch's extension builder.
+"""The CPU kernels of cpu_kernels.cpp (fused xllm ops, decode attention), cpu_linear.cpp (packed
+linear layers) and cpu_quant.cpp (int8-weight linear layers), built once per machine with torch's extension builder.
 
 The build takes 25-60 s on two cores (45 s of CPU time, 1.6 GB), so the first compile for the cpu
 platform does it (its "kernels" stage); a load that still finds no build says so on stderr before it
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp")]
 
 
 def _cpu_flags() -> str:

@@ -1,0 +1,1 @@
+"""Weight quantization passes: linear layers rewritten onto quantized weights stored in the artifact."""
