@@ -1,4 +1,4 @@
-"""The engine: runs one step (prefill or decode) of several sequences on the right graph and KV cache."""
+"""The engine: runs one step (prefill, decode or both) of several sequences on the right graph and KV cache."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from xllm_compiler.interface import STEP_INPUTS
 from xllm_compiler.runtime.graph_cache import GraphCache
 from xllm_compiler.runtime.kv_cache import BlockPool, KVCache
 from xllm_compiler.runtime.parallel import TensorParallelGroup
+from xllm_compiler.runtime.prefix_cache import PrefixCache
 from xllm_compiler.runtime.step import Sequence, build_step_inputs
 
 
@@ -20,7 +21,10 @@ class Engine:
         max_seq_len: int,
         device: torch.device,
         group: TensorParallelGroup | None = None,
+        prefix_seed: bytes = b"",
     ):
+        """``prefix_seed`` seeds the prefix cache's key chain: what identifies this artifact's K/V values
+        (runtime/prefix_cache.py). The cache lives here, with the pool, so that it outlives any scheduler."""
         self.graphs = graphs
         self.kv_cache = kv_cache
         self.pool = pool
@@ -28,12 +32,14 @@ class Engine:
         self.max_blocks_per_seq = -(-max_seq_len // self.block_size)
         self.device = device
         self.group = group or TensorParallelGroup(1, device)
+        self.prefix_cache = PrefixCache(pool, self.block_size, prefix_seed)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def step(self, phase: str, work: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Run ``n`` new tokens of each (sequence, n); float32 logits [len(work), vocab] on the CPU."""
+        """Run ``n`` new tokens of each (sequence, n): the tokens from its ``num_computed`` on, whose blocks it
+        already holds. Returns float32 logits [len(work), vocab] on the CPU, row i at the last token of entry i."""
         choice = self.graphs.choose(phase, sum(n for _, n in work), len(work))
         inputs = build_step_inputs(
             work, choice.num_tokens, choice.num_seqs, self.block_size, self.max_blocks_per_seq, self.device

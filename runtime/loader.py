@@ -21,7 +21,7 @@ from torch import fx
 import xllm_compiler.ops  # noqa: F401  (registers the xllm ops the graphs call)
 from xllm_compiler.artifact.graph_format import ArenaBuffer, deserialize_graph, read_memory_plan
 from xllm_compiler.artifact.manifest import FileVerifier, read_manifest
-from xllm_compiler.buckets.policy import PREFILL
+from xllm_compiler.artifact.schema import FALLBACK_GRAPH
 from xllm_compiler.dtypes import MODEL_DTYPES
 from xllm_compiler.errors import ArtifactError
 from xllm_compiler.interface import STEP_INPUTS
@@ -33,7 +33,6 @@ from xllm_compiler.runtime.model import CompiledModel
 from xllm_compiler.runtime.parallel import TensorParallelGroup
 from xllm_compiler.runtime.platform import get_platform
 from xllm_compiler.runtime.replay import runner_factory
-from xllm_compiler.runtime.scheduler import Scheduler
 from xllm_compiler.runtime.weights import PrepareWeight, read_weights
 
 
@@ -67,6 +66,24 @@ def _read_weights(
         raise ArtifactError(f"artifact file {rel} cannot be read ({exc})") from None
 
 
+def _fresh_expert_counts(graph: fx.Graph, weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each MoE layer's routing-counts buffer (the ``expert_counts`` the MoE ops add into, ops/moe.py), in
+    layer order, replaced by a zeroed tensor of its own: the graphs write it in place, and the weights as
+    read are the file's map, which nothing writes. ``CompiledModel.expert_stats`` reads them."""
+    names: list[str] = []
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        arguments = {**dict(zip((a.name for a in schema.arguments), node.args, strict=False)), **node.kwargs}
+        counts = arguments.get("expert_counts")
+        if isinstance(counts, fx.Node) and counts.op == "get_attr" and counts.target not in names:
+            names.append(str(counts.target))
+    for name in names:
+        weights[name] = torch.zeros_like(weights[name])
+    return tuple(weights[name] for name in names)
+
+
 def load(
     path: str | Path,
     device: str | None = None,
@@ -88,7 +105,9 @@ def load(
     platform = get_platform(device or manifest.target_device)
     torch_device = platform.device()
     platform.register_kernels()
-    group = TensorParallelGroup(manifest.tensor_parallel.size, torch_device)
+    layout = manifest.tensor_parallel
+    experts = f"expert-parallel (ep={layout.expert_parallel})" if layout.expert_parallel > 1 else None
+    group = TensorParallelGroup(layout.size, torch_device, experts)
     weights_name = manifest.tensor_parallel.weights[group.rank]
     graph_files = manifest.graph_files()
     others = set(manifest.tensor_parallel.weights) - {weights_name}  # each rank verifies the shards it reads
@@ -109,6 +128,7 @@ def load(
 
     graphs = {name: graph for name, (graph, _, _) in read.items()}
     weights = _read_weights(root, weights_name, torch_device, verifier, platform.weight_preparer(graphs))
+    expert_counts = _fresh_expert_counts(graphs[FALLBACK_GRAPH], weights)
     arena = torch.empty(arena_bytes, dtype=torch.uint8, device=torch_device)
     views = {name: arena_views(arena, buffers) for name, (_, _, buffers) in read.items()}
     group.bind(graphs)
@@ -128,12 +148,10 @@ def load(
         device=torch_device,
     )
     pool = BlockPool(memory.kv_blocks, on_first_use=kv_cache.zero_blocks)
-    engine = Engine(cache, kv_cache, pool, model.max_seq_len, torch_device, group)
-    prefill = [b for b in buckets if b.phase == PREFILL]
-    scheduler = Scheduler(
-        engine,
-        max_prefill_tokens=max((b.num_tokens for b in prefill), default=model.max_seq_len),
-        max_prefill_seqs=max((b.num_seqs for b in prefill), default=1),
-    )
+    # The prefix cache's keys start from what fixes the K/V a prompt produces on this rank (runtime/prefix_cache.py).
+    prefix_seed = f"{manifest.cache_key}:{manifest.files[weights_name].sha256}".encode()
+    engine = Engine(cache, kv_cache, pool, model.max_seq_len, torch_device, group, prefix_seed)
     verifier.wait()
-    return CompiledModel(root, manifest, engine, scheduler, memory)
+    compiled = CompiledModel(root, manifest, engine, memory)
+    compiled.expert_counts = expert_counts
+    return compiled

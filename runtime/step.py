@@ -7,11 +7,17 @@ from dataclasses import dataclass, field
 import torch
 
 from xllm_compiler.interface import PAD_SLOT
+from xllm_compiler.runtime.requests import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One request's tokens and where its KV cache lives."""
+    """One request's tokens and where its KV cache lives.
+
+    ``blocks`` cover the tokens computed so far (and those a step is about to compute): they grow with the
+    sequence. ``block_hashes`` are the prefix-cache keys of its first full blocks (runtime/prefix_cache.py).
+    Compared by identity: two requests with the same tokens are still two sequences.
+    """
 
     tokens: list[int]
     prompt_len: int
@@ -19,6 +25,11 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     finished: bool = False
+    request_id: str = ""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:

@@ -253,6 +253,7 @@ def test_moe_layer_has_one_all_reduce(tp_run, architecture):
 def test_run_exercised_the_split_graphs_and_the_fallback(tp_run):
     for name in tp_run.tp2:
         assert set(tp_run.result(name)["graphs"]) >= {*SPLIT_BUCKETS, "dynamic"}, name
+        assert tp_run.result(name)["whole_prompts"] == tp_run.result(name)["tokens"], name
 
 
 def test_ranks_agree(tp_run):

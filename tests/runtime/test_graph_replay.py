@@ -16,6 +16,7 @@ from xllm_compiler.interface import STEP_INPUTS
 from xllm_compiler.runtime.platform.base import Platform
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
 from xllm_compiler.runtime.replay import CudaGraphRunner, StaticInputs, TorchairRunner, runner_factory
+from xllm_compiler.runtime.requests import Request, SamplingParams
 
 #: Prompt sets whose steps take every graph: prefill_16, decode_1, decode_2 and, for three sequences, the
 #: fallback graph.
@@ -73,18 +74,25 @@ def prompt_sets(vocab_size: int) -> list[list[list[int]]]:
 
 
 def run_recording(model, sets: list[list[list[int]]]) -> tuple[list[list[list[int]]], list[torch.Tensor]]:
-    """(greedy tokens of each prompt set, every step's logits) of one generate() call per set."""
+    """(greedy tokens of each prompt set, every step's logits), each set run whole on a scheduler that lets its
+    sequences decode together (three of them: more than decode_2 holds)."""
     seen: list[torch.Tensor] = []
     step = model.engine.step
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def recording(phase, work):
         logits = step(phase, work)
         seen.append(logits.clone())
         return logits
 
+    def greedy(prompts: list[list[int]]) -> list[list[int]]:
+        with torch.inference_mode():
+            out = model.make_scheduler(max_num_seqs=3).run(Request(str(i), p, params) for i, p in enumerate(prompts))
+        return [[t for o in out[str(i)] for t in o.new_tokens] for i in range(len(prompts))]
+
     model.engine.step = recording
     try:
-        return [model.generate(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True) for prompts in sets], seen
+        return [greedy(prompts) for prompts in sets], seen
     finally:
         del model.engine.step
 

@@ -416,12 +416,12 @@ def test_fragmentation_stats(artifact):
     stats = model.memory_stats()
     assert stats["kv_peak_fragmentation"] == 0.0 and stats["kv_blocks_peak"] == 2
 
-    # A short prompt reserves its whole generation: 3 tokens in 2 blocks of 16 after the prefill.
+    # Blocks grow with a sequence: 3 tokens in 1 block of 16 after the prefill, 22 in 2 blocks at the end.
     model.generate([[1, 2, 3]], max_new_tokens=20, ignore_eos=True)
     stats = model.memory_stats()
     for key in ("kv_fragmentation", "kv_peak_fragmentation"):
         assert 0.0 <= stats[key] <= 1.0
-    assert stats["kv_peak_fragmentation"] == pytest.approx(1 - 3 / 32, abs=1e-4)
+    assert stats["kv_peak_fragmentation"] == pytest.approx(1 - 3 / 16, abs=1e-4)
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert stats["kv_fragmentation"] == 0.0  # nothing is held any more
 

@@ -42,6 +42,7 @@ from xllm_compiler.ops import OUT_FORMS
 from xllm_compiler.passes.memory.liveness import Liveness, Storage
 from xllm_compiler.passes.memory.plan_memory import ALIGNMENT, Buffer, MemoryPlan, greedy_by_size, plan_memory
 from xllm_compiler.passes.verify import TOLERANCE
+from xllm_compiler.runtime.requests import Request, SamplingParams
 from xllm_compiler.runtime.step import Sequence, build_step_inputs
 
 MAX_RATIO = 1.05
@@ -443,16 +444,30 @@ def test_unplanned_artifact_has_no_plan(unplanned_artifact):
     assert model.memory_stats()["arena_bytes"] == 0 and model.memory_stats()["arena_bytes_per_bucket"] == {}
 
 
+def one_step_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    """Last-position logits of ``prompts`` prefilled in one step, whatever the buckets hold."""
+    scheduler = model.make_scheduler(max_num_batched_tokens=sum(map(len, prompts)), enable_prefix_caching=False)
+    params = SamplingParams(max_new_tokens=0, return_logits=True)
+    outputs = scheduler.run(Request(str(i), p, params) for i, p in enumerate(prompts))
+    return torch.stack([outputs[str(i)][-1].logits for i in range(len(prompts))])
+
+
 def test_planned_and_unplanned_artifacts_agree(tiny_llama_artifact, unplanned_artifact):
     planned, unplanned = xllm_compiler.load(tiny_llama_artifact), xllm_compiler.load(unplanned_artifact)
     assert planned.memory_stats()["arena_bytes"] > 0
     prompts = mixed_prompts(planned.vocab_size, lengths=(5, 1, 23, 40, 100, 7, 64), seed=5)
-    longer_than_every_bucket = mixed_prompts(planned.vocab_size, lengths=(600,), seed=6)  # the dynamic graph
+    longer_than_every_bucket = mixed_prompts(planned.vocab_size, lengths=(600,), seed=6)  # prefilled in chunks
     for batch in (prompts, prompts[:1], prompts[2:5], [prompts[1], prompts[4]], longer_than_every_bucket):
         expected, got = unplanned.logits(batch), planned.logits(batch)
         assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
         expected_tokens = unplanned.generate(batch, max_new_tokens=16, ignore_eos=True)
         assert planned.generate(batch, max_new_tokens=16, ignore_eos=True) == expected_tokens
+    # In one step, past every prefill bucket: the dynamic graph.
+    expected, got = (
+        one_step_logits(unplanned, longer_than_every_bucket),
+        one_step_logits(planned, longer_than_every_bucket),
+    )
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     # Every decode bucket graph ran on the arena, and the unplanned fallback graph between them.
     assert {"decode_1", "decode_2", "decode_4", "decode_8", "dynamic"} <= set(planned.engine.graphs.resident())
     assert planned.stats()["fallbacks"] > 0
