@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from xllm_compiler.artifact.schema import FALLBACK_GRAPH as FALLBACK
-from xllm_compiler.buckets.policy import Bucket
+from xllm_compiler.buckets.policy import ONE_ROW_PER_SEQUENCE, VERIFY, Bucket
 from xllm_compiler.errors import ArtifactError, OptionsError
 from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory
 
@@ -74,10 +74,12 @@ class GraphCache:
         self.counters: Counter[str] = Counter()
 
     def choose(self, phase: str, num_tokens: int, num_seqs: int) -> Choice:
-        """The smallest bucket of ``phase`` holding the step, else the fallback at the exact size."""
+        """The smallest bucket of ``phase`` holding the step, else the fallback at the exact size. A verify
+        step runs on a verify or a decode bucket: both are decode-shaped (buckets/policy.py)."""
         self.counters["steps"] += 1
+        phases = ONE_ROW_PER_SEQUENCE if phase == VERIFY else (phase,)
         for bucket in self.buckets:
-            if bucket.phase == phase and bucket.num_tokens >= num_tokens and bucket.num_seqs >= num_seqs:
+            if bucket.phase in phases and bucket.num_tokens >= num_tokens and bucket.num_seqs >= num_seqs:
                 self.counters["padded_tokens"] += bucket.num_tokens - num_tokens
                 self.counters["hits" if bucket.name in self._resident else "misses"] += 1
                 return Choice(bucket.name, bucket.num_tokens, bucket.num_seqs)

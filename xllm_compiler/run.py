@@ -8,6 +8,7 @@ missing or mismatched tokenizer costs no load. Also ``python -m xllm_compiler.ru
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,22 @@ def build_parser() -> OneLineParser:
     parser.add_argument(
         "--max-memory-utilization", type=float, metavar="F", help="size the KV pool to this share of device memory"
     )
+    parser.add_argument(
+        "--expert-stats",
+        metavar="FILE.json",
+        help="MoE models: write the tokens routed to each expert of each layer here (the input of --expert-placement)",
+    )
+    parser.add_argument(
+        "--speculative",
+        metavar="ngram|DRAFT_DIR",
+        help="decode speculatively: 'ngram' (prompt lookup) or a draft artifact with the same vocabulary",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        help="--speculative: proposals per verify step (default: the artifact's, else 3)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -97,16 +114,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         from xllm_compiler import load
+        from xllm_compiler.errors import OptionsError
 
         as_text = args.prompt is not None
         tokenizer = checked_tokenizer(Path(args.artifact)) if as_text else None
         prompts = None if as_text else [_ids(p) for p in args.prompt_ids]
+        stats_file = Path(args.expert_stats) if args.expert_stats else None
+        if stats_file is not None and not stats_file.parent.is_dir():
+            raise OptionsError(f"--expert-stats {stats_file}: folder {stats_file.parent} does not exist")
         model = load(
             args.artifact,
             device=args.device,
             kv_blocks=args.kv_blocks,
             max_memory_utilization=args.max_memory_utilization,
         )
+        speculative = args.speculative
+        if speculative is not None and speculative != "ngram":
+            if not Path(speculative).is_dir():
+                raise OptionsError(f"--speculative {speculative}: not 'ngram' and not an artifact folder")
+            speculative = load(speculative, device=args.device)
         if as_text:
             tokenizer = tokenizer or model.tokenizer  # None only if load() read a manifest we could not
             prompts = [tokenizer.encode(p).ids for p in args.prompt]
@@ -117,10 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             ignore_eos=args.ignore_eos,
+            speculative=speculative,
+            num_speculative_tokens=args.num_speculative_tokens,
         )
         if model.engine.group.rank == 0:  # under torchrun, one rank speaks for all
             for tokens in outputs:
                 print(tokenizer.decode(tokens) if tokenizer is not None else ",".join(map(str, tokens)))
+            if stats_file is not None:
+                stats_file.write_text(json.dumps(model.expert_stats()) + "\n")
         return EXIT_OK
 
     return guarded("xllm-run", body, args.debug)

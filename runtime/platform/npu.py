@@ -34,8 +34,9 @@ from types import ModuleType
 import torch
 from torch import fx
 
+from xllm_compiler.buckets.policy import ONE_ROW_PER_SEQUENCE
 from xllm_compiler.errors import DeviceError
-from xllm_compiler.ops import attention, moe
+from xllm_compiler.ops import attention, moe, quant
 from xllm_compiler.runtime.platform.base import Platform
 from xllm_compiler.runtime.platform.lowering import DECODE, NPU_LOWERING, PREFILL, Lowering
 from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory, TorchairRunner
@@ -145,9 +146,10 @@ class NpuPlatform(Platform):
         return runner
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
-        """Attention by phase: decode buckets (named 'decode_<n>') run the decode kernel, the rest prefill's."""
+        """Attention by phase: decode and verify buckets (named 'decode_<n>', 'verify_<n>': one query row per
+        sequence entry) run the decode kernel, the rest prefill's."""
         for name, graph in graphs.items():
-            kernels = PHASE_KERNELS[DECODE if name.split("_")[0] == DECODE else PREFILL]
+            kernels = PHASE_KERNELS[DECODE if name.split("_")[0] in ONE_ROW_PER_SEQUENCE else PREFILL]
             for node in graph.nodes:
                 if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
                     node.target = kernels.get(node.target.name(), node.target)
@@ -281,6 +283,21 @@ def _attention_kernels(fused: Callable[..., None]) -> dict[str, Callable]:
     return {"xllm::paged_attention": paged_attention, "xllm::paged_attention_out": paged_attention_out}
 
 
+def _linear_w8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """xllm::linear_w8 in npu_weight_quant_batchmatmul's convention: rows as a 2-d x, the weight as its (K, N)
+    transpose (a view; the layout its docs recommend per channel), the scales in x's dtype, a bfloat16 x's
+    bias in float32. The kernel takes float16 and bfloat16 x only: a float32 model keeps the composite."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return quant.linear_w8_kernel(x, qweight, scale, bias)
+    if bias is not None and x.dtype == torch.bfloat16:
+        bias = bias.float()
+    rows = x.reshape(-1, x.shape[-1])
+    y = _torch_npu().npu_weight_quant_batchmatmul(rows, qweight.t(), scale.to(x.dtype), bias=bias)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
 #: The kernel of each op that runs one kernel in every graph (registered for the "npu" key).
 KERNELS: dict[str, Callable] = {
     "xllm::rms_norm": _rms_norm,
@@ -290,6 +307,7 @@ KERNELS: dict[str, Callable] = {
     "xllm::write_kv_cache": _write_kv_cache,
     "xllm::all_reduce_add_rms_norm": _all_reduce_add_rms_norm,
     **moe.CAPTURE_SAFE_KERNELS,  # the table's composites: no NPU kernel yet
+    "xllm::linear_w8": _linear_w8,
 }
 #: Attention's kernels by phase (``lower`` puts them in the graphs).
 PHASE_KERNELS: dict[str, dict[str, Callable]] = {

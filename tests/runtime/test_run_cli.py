@@ -51,6 +51,16 @@ def test_sampling_flags(small_artifact, small_model, capsys):
     assert out == ",".join(map(str, expected)) + "\n"
 
 
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculative_flags_print_the_plain_tokens(small_artifact, small_model, capsys, speculative):
+    prompt = [9, 4, 9, 4, 9, 4, 9]
+    draft = str(small_artifact) if speculative == "draft" else speculative  # its own draft: all kept
+    argv = [small_artifact, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8", "--ignore-eos"]
+    code, out, _ = run_main(capsys, *argv, "--speculative", draft, "--num-speculative-tokens", "2")
+    assert code == 0
+    assert out == ",".join(map(str, small_model.generate([prompt], max_new_tokens=8, ignore_eos=True)[0])) + "\n"
+
+
 def test_python_dash_m_prints_the_same_line(small_artifact, small_model):
     argv = [str(small_artifact), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--ignore-eos"]
     result = subprocess.run(
@@ -70,6 +80,8 @@ def test_python_dash_m_prints_the_same_line(small_artifact, small_model):
         (["--prompt-ids", "1,x,3"], "--prompt-ids must be comma-separated integers"),
         (["--prompt-ids", "1,99999"], "outside"),
         (["--prompt", "hello"], "tokenizer"),
+        (["--prompt-ids", "1,2", "--speculative", "medusa"], "--speculative medusa: not 'ngram'"),
+        (["--prompt-ids", "1,2", "--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
     ],
 )
 def test_bad_requests_exit_2_with_one_line(small_artifact, capsys, argv, message):

@@ -4,6 +4,6 @@
 and imported from their modules, so that reading an artifact does not load them.
 """
 
-from xllm_compiler.buckets.policy import DECODE, PREFILL, Bucket, make_buckets
+from xllm_compiler.buckets.policy import DECODE, PREFILL, VERIFY, Bucket, make_buckets
 
-__all__ = ["DECODE", "PREFILL", "Bucket", "make_buckets"]
+__all__ = ["DECODE", "PREFILL", "VERIFY", "Bucket", "make_buckets"]

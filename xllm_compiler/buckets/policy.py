@@ -3,6 +3,14 @@
 A bucket fixes both step dims: ``num_tokens`` and ``num_seqs``. Decode runs one token per sequence,
 so a decode bucket b is (b, b). A prefill bucket of t tokens takes up to ``min(t, max decode bucket)``
 prompts at once: prompts prefilled together go on to decode together.
+
+A verify bucket (speculative decoding) is decode-shaped: a verify step of s sequences with k proposals
+each runs s·(k+1) rows of the decode graph, one per position checked. Each row is its own entry of the
+per-sequence metadata, with its sequence's block table and the context up to and including itself: every
+layer writes the K/V of all rows before it attends, so row i sees the proposals before it, which is the
+causal mask within the chunk. Verify buckets therefore only add decode-graph sizes, for as many rows as
+the decode buckets times (k+1); they are a phase of their own so that they do not count as decode batch
+sizes (the prefill buckets' sequence counts and the scheduler's batch limit stay those of decode).
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ from xllm_compiler.interface import NUM_SEQS, NUM_TOKENS
 
 DECODE = "decode"
 PREFILL = "prefill"
+VERIFY = "verify"
+#: Phases whose graphs have one query row per sequence entry (the decode attention's premise).
+ONE_ROW_PER_SEQUENCE = (DECODE, VERIFY)
 
 
 @dataclass(frozen=True, order=True)
@@ -36,12 +47,23 @@ class Bucket:
 
 
 def make_buckets(
-    decode_sizes: tuple[int, ...], prefill_sizes: tuple[int, ...], max_seq_len: int, explicit_prefill: bool
+    decode_sizes: tuple[int, ...],
+    prefill_sizes: tuple[int, ...],
+    max_seq_len: int,
+    explicit_prefill: bool,
+    num_speculative_tokens: int = 0,
 ) -> list[Bucket]:
-    """Decode and prefill buckets; prefill sizes above max_seq_len are refused if asked for, else dropped."""
+    """Decode, prefill and (with ``num_speculative_tokens`` k > 0) verify buckets; prefill sizes above
+    max_seq_len are refused if asked for, else dropped. Verify sizes are b·(k+1) for each decode size b,
+    less those a decode bucket already has (a verify step runs on either)."""
     too_long = [t for t in prefill_sizes if t > max_seq_len]
     if too_long and explicit_prefill:
         raise OptionsError(f"prefill bucket {too_long[0]} exceeds max_seq_len {max_seq_len}")
     prefill_sizes = tuple(t for t in prefill_sizes if t <= max_seq_len) or (max_seq_len,)
     max_batch = max(decode_sizes)
-    return [Bucket(DECODE, b, b) for b in decode_sizes] + [Bucket(PREFILL, t, min(t, max_batch)) for t in prefill_sizes]
+    verify_sizes = sorted({b * (num_speculative_tokens + 1) for b in decode_sizes} - set(decode_sizes))
+    return (
+        [Bucket(DECODE, b, b) for b in decode_sizes]
+        + [Bucket(PREFILL, t, min(t, max_batch)) for t in prefill_sizes]
+        + [Bucket(VERIFY, n, n) for n in (verify_sizes if num_speculative_tokens else [])]
+    )

@@ -25,7 +25,7 @@ from torch import fx
 from xllm_compiler.artifact.graph_format import deserialize_graph
 from xllm_compiler.artifact.manifest import read_manifest
 from xllm_compiler.artifact.schema import Manifest
-from xllm_compiler.buckets.policy import DECODE, Bucket
+from xllm_compiler.buckets.policy import ONE_ROW_PER_SEQUENCE, Bucket
 from xllm_compiler.dtypes import MODEL_DTYPES
 from xllm_compiler.errors import ArtifactError, OptionsError
 from xllm_compiler.interface import MAX_BLOCKS_PER_SEQ, NUM_BLOCKS, STEP_INPUTS
@@ -145,9 +145,10 @@ def _read(root: Path) -> Manifest:
 
 
 def _export(gm: fx.GraphModule, caches: list[str], manifest: Manifest, bucket: Bucket, path: Path) -> Path:
-    if bucket.phase == DECODE and bucket.num_seqs != bucket.num_tokens:  # the decode attention's premise
-        raise ArtifactError(f"decode bucket {bucket.name} has {bucket.num_seqs} sequences, not {bucket.num_tokens}")
-    table = translation_table(decode=bucket.phase == DECODE)
+    one_row_per_sequence = bucket.phase in ONE_ROW_PER_SEQUENCE  # the decode attention's premise
+    if one_row_per_sequence and bucket.num_seqs != bucket.num_tokens:
+        raise ArtifactError(f"bucket {bucket.name} has {bucket.num_seqs} sequences, not {bucket.num_tokens}")
+    table = translation_table(decode=one_row_per_sequence)
     untranslated = sorted({str(n.target) for n in gm.graph.nodes if _is_ours(n.target) and n.target not in table})
     if untranslated:  # e.g. MoE's xllm.moe_experts: refused here, not deep inside torch.onnx
         raise OptionsError(f"op {', '.join(untranslated)} has no ONNX form yet: this artifact cannot be exported")
