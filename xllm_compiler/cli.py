@@ -20,6 +20,7 @@ from xllm_compiler.options import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     MAX_SEQ_LEN_CAP,
+    QUANTIZE_CHOICES,
 )
 from xllm_compiler.sizes import format_bytes, parse_size
 
@@ -74,11 +75,47 @@ def build_parser() -> OneLineParser:
         "--tp", type=int, default=1, metavar="N", help="tensor-parallel degree, run with torchrun (default %(default)s)"
     )
     parser.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        metavar="N",
+        help="expert-parallel degree (MoE models: experts split over N ranks), run with torchrun (default %(default)s)",
+    )
+    parser.add_argument(
+        "--expert-placement",
+        metavar="STATS.json",
+        help="with --ep: place experts (and replicas) to balance the load measured by xllm-run --expert-stats",
+    )
+    parser.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --expert-placement: K extra expert slots per MoE layer, replicas of the hottest (default 0)",
+    )
+    parser.add_argument(
         "--micro-batch-min-tokens",
         type=int,
         default=DEFAULT_MICRO_BATCH_MIN_TOKENS,
         metavar="N",
         help="--tp: steps of at least N tokens run as two overlapped micro-batches (default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="compile verify buckets for speculative decoding with K proposals per sequence (default: none)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="linear-layer weights quantized at compile time: int8 = symmetric, per output channel, float32 "
+        "scales (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-quantize-lm-head", action="store_true", help="with --quantize: keep the LM head's weight in --dtype"
     )
     parser.add_argument(
         "--passes",
@@ -154,8 +191,9 @@ def summary_rows(report: dict[str, Any], out_dir: Path) -> list[tuple[str, Text]
     (in yellow). Values are Text, never markup: paths and messages may hold brackets."""
     model, graph = report["model"], report["graph"]
     tp = f", tensor-parallel {model['tensor_parallel']}" if model.get("tensor_parallel", 1) > 1 else ""
+    quantized = f", {model['quantize']} weights" if model.get("quantize") else ""
     rows = [
-        ("model", f"{model['architecture']}, {model['parameters']:,} parameters, {model['dtype']}{tp}"),
+        ("model", f"{model['architecture']}, {model['parameters']:,} parameters, {model['dtype']}{quantized}{tp}"),
         ("graph", f"{graph['nodes_captured']} -> {graph['nodes_after_passes']} nodes"),
     ]
     for phase, entry in report["buckets"].items():
@@ -233,7 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seq_len=args.max_seq_len,
             block_size=args.block_size,
             tp=args.tp,
+            ep=args.ep,
+            expert_placement=args.expert_placement,
+            redundant_experts=args.redundant_experts,
             micro_batch_min_tokens=args.micro_batch_min_tokens,
+            num_speculative_tokens=args.num_speculative_tokens,
+            quantize=args.quantize,
+            quantize_lm_head=not args.no_quantize_lm_head,
             passes=args.passes,
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,

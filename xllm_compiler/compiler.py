@@ -20,6 +20,13 @@ import torch
 from torch import fx
 
 from xllm_compiler import __version__
+from xllm_compiler.artifact.chat_template import (
+    CHAT_TEMPLATE_FILE,
+    TEMPLATE_JINJA,
+    TOKENIZER_CONFIG,
+    find_chat_template,
+    write_chat_template,
+)
 from xllm_compiler.artifact.graph_format import GRAPH_FORMAT_VERSION, serialize_graph
 from xllm_compiler.artifact.manifest import file_entries, read_manifest, write_manifest
 from xllm_compiler.artifact.schema import (
@@ -34,6 +41,7 @@ from xllm_compiler.artifact.schema import (
     Manifest,
     ModelInfo,
     PassEntry,
+    QuantizationRecord,
     RequestedOptions,
     Source,
     TensorParallelLayout,
@@ -47,15 +55,17 @@ from xllm_compiler.artifact.writer import (
     write_graph,
     write_weights,
 )
-from xllm_compiler.buckets import DECODE, PREFILL, Bucket, make_buckets
+from xllm_compiler.buckets import DECODE, PREFILL, VERIFY, Bucket, make_buckets
 from xllm_compiler.buckets.specialize import specialize
 from xllm_compiler.buckets.traffic import Trace, best_buckets, padded_tokens, padding_fraction, read_trace
 from xllm_compiler.cache import CompileCache, Lookup, cache_key, default_cache_dir
 from xllm_compiler.capture import capture
 from xllm_compiler.dtypes import MODEL_DTYPES, dtype_name
 from xllm_compiler.errors import CompileError, OptionsError
+from xllm_compiler.experts.placement import Placement, placement_from_stats, placement_report
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
-from xllm_compiler.models import ModelSpec, TensorParallel, build_model, load_spec
+from xllm_compiler.models import ModelSpec, build_model, load_spec
+from xllm_compiler.models.parallel import keep_local_experts, parallel_ranks
 from xllm_compiler.ops import native
 from xllm_compiler.options import (
     DEFAULT_BLOCK_SIZE,
@@ -64,11 +74,12 @@ from xllm_compiler.options import (
     MAX_SEQ_LEN_CAP,
     CompileOptions,
 )
-from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, select_passes
+from xllm_compiler.passes import GraphPass, PassManager, bucket_pipeline, default_pipeline, select_passes
 from xllm_compiler.passes.comm.collectives import comm_report
 from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions
 from xllm_compiler.passes.manager import count_nodes
 from xllm_compiler.passes.memory.plan_memory import PlanMemoryOptions
+from xllm_compiler.passes.quant.quantize_linear_weights import QuantizeOptions, quantize_linear_weights
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
 from xllm_compiler.runtime.memory_budget import kv_bytes_per_token, plan_load_memory
@@ -83,6 +94,8 @@ SOURCE_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "tokenizer.json",
+    TOKENIZER_CONFIG,  # its chat_template, carried into the artifact
+    TEMPLATE_JINJA,
 )
 TOKENIZER_FILE = "tokenizer.json"
 REPORT_FILE = "report.json"
@@ -160,6 +173,8 @@ class CompilePlan:
     source_sha256: str
     trace: Trace | None
     key: str
+    experts: tuple[Placement, list[list[int]]] | None = None
+    """With --expert-placement: the experts' plan, and the measured loads it was planned from."""
 
     @property
     def dtype_name(self) -> str:
@@ -195,13 +210,20 @@ def plan_compile(
     cache: CompileCache,
 ) -> CompilePlan:
     spec = load_spec(model_dir)
+    parallel_ranks(options.tp, options.ep)[0].check(spec)  # refuse a layout the model cannot take, now
+    moe_layers, num_experts = (sum(spec.moe.sparse_layers), spec.moe.num_experts) if spec.moe else (0, 0)
+    experts = placement_from_stats(
+        options.expert_placement, options.redundant_experts, options.ep, moe_layers, num_experts
+    )
     dtype = resolve_dtype(options, spec)
     limits = resolve_max_seq_len(options, spec)
     max_seq_len = limits.value
     trace = read_trace(Path(options.buckets_from)) if options.buckets_from else None
     decode, prefill = _bucket_sizes(options, trace, max_seq_len)
     explicit = options.prefill_buckets is not None and trace is None
-    buckets = make_buckets(decode, prefill, max_seq_len, explicit_prefill=explicit)
+    buckets = make_buckets(
+        decode, prefill, max_seq_len, explicit_prefill=explicit, num_speculative_tokens=options.num_speculative_tokens
+    )
     source = source_sha256(model_dir, cache)
     key = cache_key(
         {
@@ -216,12 +238,18 @@ def plan_compile(
             "max_seq_len": max_seq_len,
             "block_size": options.block_size,
             "tp": options.tp,
+            "ep": options.ep,
+            "expert_placement": experts[0].to_json() if experts else None,
+            "num_speculative_tokens": options.num_speculative_tokens,
+            "quantize": [options.quantize, options.quantize_lm_head] if options.quantize else None,
             "buckets": [b.to_json() for b in buckets],
             "passes": [[p.name, p.version, p.identity()] for p in [*passes, *bucket_passes]],
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
         }
     )
-    return CompilePlan(model_dir, spec, dtype, limits, buckets, lowering, passes, bucket_passes, source, trace, key)
+    return CompilePlan(
+        model_dir, spec, dtype, limits, buckets, lowering, passes, bucket_passes, source, trace, key, experts
+    )
 
 
 def with_platform_block_size(options: CompileOptions, lowering: Lowering) -> CompileOptions:
@@ -243,6 +271,24 @@ def bucket_passes_for(options: CompileOptions, lowering: Lowering) -> list[Graph
     return select_passes(options.passes, options.disable_passes, pipeline=bucket_pipeline(micro_batches, memory))
 
 
+def graph_passes_for(options: CompileOptions) -> list[GraphPass]:
+    """The graph passes ``options`` select, the weight quantization configured as asked; OptionsError when a
+    quantization is asked for with --verify, or with a selection that leaves out the pass that does it."""
+    if options.quantize and options.verify:
+        raise OptionsError(
+            f"--verify holds every pass to float tolerance, and quantize '{options.quantize}' changes results by "
+            "design (int8 rounding, about 1% of the largest logit): verify the unquantized compile instead"
+        )
+    quantize = QuantizeOptions(options.quantize, options.quantize_lm_head) if options.quantize else None
+    passes = select_passes(options.passes, options.disable_passes, pipeline=default_pipeline(quantize))
+    if options.quantize and quantize_linear_weights.name not in {p.name for p in passes}:
+        raise OptionsError(
+            f"quantize '{options.quantize}' needs the pass {quantize_linear_weights.name}, which the pass "
+            "selection (--passes / --disable-pass) leaves out"
+        )
+    return passes
+
+
 def compile_model(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -256,7 +302,7 @@ def compile_model(
     platform = get_platform(options.device)
     lowering = platform.lowering()
     options = with_platform_block_size(options, lowering)
-    passes = select_passes(options.passes, options.disable_passes) + list(extra_passes or [])
+    passes = graph_passes_for(options) + list(extra_passes or [])
     bucket_passes = bucket_passes_for(options, lowering)
     cache = resolve_cache(options)
     report = CompileReport(listener=listener)
@@ -264,6 +310,7 @@ def compile_model(
         plan = plan_compile(model_dir, options, lowering, passes, bucket_passes, cache)
         report.sections["limits"] = plan.limits.to_json()
         report.sections["tokenizer"] = check_tokenizer(model_dir / TOKENIZER_FILE, plan.spec.vocab_size).to_json()
+        find_chat_template(model_dir)  # an unreadable tokenizer_config.json fails before the heavy stages
     if platform.name == "cpu" and native.needs_build():  # so the first load need not wait a minute for them
         with report.stage("kernels", native.BUILD_DESCRIPTION):
             native.build_kernels()
@@ -287,11 +334,12 @@ def compile_model(
 
 def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, out_dir: Path) -> None:
     """Run the stages. With tensor parallelism every rank is built (its own weight shards) and must
-    yield the same graphs: one graph set is written, with one weights file per rank."""
+    yield the same graphs: one graph set is written, with one weights file per rank. With expert
+    parallelism likewise, each rank's file holding its own experts (models/parallel.py)."""
     spec, dtype = plan.spec, plan.dtype
-    ranks = [TensorParallel(rank, options.tp) for rank in range(options.tp)]
+    ranks = parallel_ranks(options.tp, options.ep, plan.experts[0] if plan.experts else None)
     with report.stage("weights", "Loading weights"):
-        models = [build_model(plan.model_dir, dtype, plan.max_seq_len, spec, tp) for tp in ranks]
+        models = [keep_local_experts(build_model(plan.model_dir, dtype, plan.max_seq_len, spec, p), p) for p in ranks]
         parameters = sum(p.numel() for p in models[0].parameters())
     kv_heads = spec.num_kv_heads // options.tp
     kv_specs = [kv_cache_input(i, dtype, options.block_size, kv_heads, spec.head_dim) for i in range(spec.num_layers)]
@@ -303,7 +351,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
         dump = Path(options.debug_dump) if options.debug_dump else None
         records = []
         for rank, gm in enumerate(graphs):
-            check = NumericsCheck(gm, dtype) if options.verify and options.tp == 1 else None
+            check = NumericsCheck(gm, dtype) if options.verify and len(ranks) == 1 else None
             records.append(PassManager(plan.passes, check=check, dump_dir=dump if rank == 0 else None).run(gm))
     bucket_graphs: list[dict[Bucket, fx.GraphModule]] = [{} for _ in graphs]
     seconds: dict[Bucket, float] = {}
@@ -325,18 +373,21 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 "parameters": parameters,
                 "dtype": plan.dtype_name,
                 "tensor_parallel": options.tp,
+                "expert_parallel": options.ep,
+                "quantize": options.quantize,
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records[0]],
             "buckets": _bucket_report(plan, buckets0, seconds),
             "memory": {b.name: g.meta["memory_plan"].summary() for b, g in buckets0.items() if "memory_plan" in g.meta},
-            "comm": {b.name: comm_report(g) for b, g in buckets0.items()} if options.tp > 1 else {},
+            "comm": {b.name: comm_report(g) for b, g in buckets0.items()} if len(ranks) > 1 else {},
+            **({"experts": placement_report(*plan.experts)} if plan.experts else {}),
         }
     )
     with staged_output(out_dir, options.force, plan.model_dir) as root:
         with report.stage("write", "Writing the artifact"):
             weight_files = [
-                write_weights(root, referenced_weights([g, *b.values()]), weights_file(rank, options.tp))
+                write_weights(root, referenced_weights([g, *b.values()]), weights_file(rank, len(ranks)))
                 for rank, (g, b) in enumerate(zip(graphs, bucket_graphs, strict=True))
             ]
             graph_files = {FALLBACK_GRAPH: write_graph(root, FALLBACK_GRAPH, gm)}
@@ -346,6 +397,8 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             if (plan.model_dir / TOKENIZER_FILE).is_file():
                 shutil.copyfile(plan.model_dir / TOKENIZER_FILE, root / TOKENIZER_FILE)
                 files.append(TOKENIZER_FILE)
+            if chat_template := write_chat_template(plan.model_dir, root):
+                files.append(chat_template)
         manifest = _manifest(plan, options, graph_files, weight_files, records[0])
         _finish(root, manifest, report, files)
 
@@ -409,16 +462,18 @@ def _bucket_report(plan: CompilePlan, graphs: dict[Bucket, fx.GraphModule], seco
     """Per phase: each bucket's size, specialisation time and nodes, and padding against the trace."""
     report: dict[str, Any] = {}
     defaults = {DECODE: DEFAULT_DECODE_BUCKETS, PREFILL: DEFAULT_PREFILL_BUCKETS}
-    for phase in (DECODE, PREFILL):
+    for phase in (DECODE, PREFILL, VERIFY):
         sizes = sorted(b.num_tokens for b in plan.buckets if b.phase == phase)
+        if not sizes:
+            continue
         entries = []
         for bucket in sorted((b for b in plan.buckets if b.phase == phase), key=lambda b: b.num_tokens):
             entry = {**bucket.to_json(), "seconds": round(seconds[bucket], 5), "nodes": count_nodes(graphs[bucket])}
-            if plan.trace is not None:
+            if plan.trace is not None and phase in plan.trace.sizes:
                 entry["padding_fraction"] = _bucket_padding(plan.trace.sizes[phase], sizes, bucket.num_tokens)
             entries.append(entry)
         report[phase] = {"buckets": entries}
-        if plan.trace is not None and plan.trace.sizes[phase]:
+        if plan.trace is not None and plan.trace.sizes.get(phase):
             counts = plan.trace.sizes[phase]
             default = [s for s in defaults[phase] if phase == DECODE or s <= plan.max_seq_len]
             report[phase]["trace"] = {
@@ -470,10 +525,21 @@ def _manifest(
         target_device=plan.device,
         lowering=LoweringRecord(plan.lowering.platform, plan.lowering.version),
         kv_cache=KVCacheLayout(block_size=options.block_size, reserved_blocks=RESERVED_BLOCKS),
-        tensor_parallel=TensorParallelLayout(size=options.tp, weights=weight_files),
+        tensor_parallel=TensorParallelLayout(size=len(weight_files), weights=weight_files, expert_parallel=options.ep),
         inputs=calling_convention(),
         passes=[PassEntry(r.name, r.version) for r in records],
         buckets=[BucketEntry(b.phase, b.num_tokens, b.num_seqs, graph_files[b.name]) for b in plan.buckets],
         fallback_graph=graph_files[FALLBACK_GRAPH],
+        num_speculative_tokens=options.num_speculative_tokens,
+        quantization=_quantization(options, records),
         tokenizer=TOKENIZER_FILE if (plan.model_dir / TOKENIZER_FILE).is_file() else None,
+        chat_template=CHAT_TEMPLATE_FILE if find_chat_template(plan.model_dir) else None,
     )
+
+
+def _quantization(options: CompileOptions, records: list) -> QuantizationRecord | None:
+    """The manifest's record of the weight quantization, with the number of linear layers it rewrote."""
+    if not options.quantize:
+        return None
+    layers = sum(r.matches for r in records if r.name == quantize_linear_weights.name)
+    return QuantizationRecord(options.quantize, "per_output_channel", options.quantize_lm_head, layers)

@@ -9,6 +9,7 @@ from xllm_compiler.errors import OptionsError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
+QUANTIZE_CHOICES = ("none", "int8")
 DEFAULT_DECODE_BUCKETS = (1, 2, 4, 8)
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512)
 #: --max-seq-len defaults to the model's max_position_embeddings, capped here: the KV pool and rope
@@ -60,8 +61,24 @@ class CompileOptions:
     """Compile cache size limit; None means $XLLM_CACHE_MAX_SIZE, else 20 GiB (xllm_compiler.cache)."""
     tp: int = 1
     """Tensor-parallel degree: one weights file per rank; run with torchrun --nproc-per-node tp."""
+    ep: int = 1
+    """Expert-parallel degree (MoE models): rank r holds experts [r*E/ep, (r+1)*E/ep), the rest is
+    replicated (models/parallel.py); one weights file per rank; run with torchrun --nproc-per-node ep."""
+    expert_placement: str | None = None
+    """With ep: a STATS.json (``xllm-run --expert-stats``) to plan the experts' placement from
+    (xllm_compiler/experts); None places them contiguously, one replica each."""
+    redundant_experts: int = 0
+    """With expert_placement: extra physical expert slots per MoE layer, holding replicas of the hottest."""
     micro_batch_min_tokens: int = DEFAULT_MICRO_BATCH_MIN_TOKENS
     """Tensor-parallel bucket graphs of at least this many tokens run as two overlapped micro-batches."""
+    num_speculative_tokens: int = 0
+    """Proposals a speculative verify step checks per sequence (k); k > 0 adds verify buckets of b·(k+1)
+    rows for each decode batch size b (xllm_compiler/buckets/policy.py), and is generate()'s default k."""
+    quantize: str | None = None
+    """Weight quantization of the linear layers: 'int8' (symmetric, per output channel, float32 scales;
+    passes/quant/quantize_linear_weights.py); None keeps the weights in ``dtype``."""
+    quantize_lm_head: bool = True
+    """With quantize: the LM head too (25% of a decode step's weight bytes on the ~100M Llama)."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -128,10 +145,31 @@ def make_options(**kwargs) -> CompileOptions:
         cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
         cache_max_bytes=_positive_or_none(kwargs.get("cache_max_bytes"), "cache_max_bytes"),
         tp=_positive_or_none(kwargs.get("tp", 1), "tp"),
+        ep=_positive_or_none(kwargs.get("ep", 1), "ep"),
+        expert_placement=None if kwargs.get("expert_placement") is None else str(kwargs["expert_placement"]),
+        redundant_experts=_non_negative(kwargs.get("redundant_experts", 0), "redundant_experts"),
         micro_batch_min_tokens=_positive_or_none(
             kwargs.get("micro_batch_min_tokens", DEFAULT_MICRO_BATCH_MIN_TOKENS), "micro_batch_min_tokens"
         ),
+        num_speculative_tokens=_non_negative(kwargs.get("num_speculative_tokens", 0), "num_speculative_tokens"),
+        quantize=_quantize_scheme(kwargs.get("quantize")),
+        quantize_lm_head=bool(kwargs.get("quantize_lm_head", True)),
     )
+
+
+def _quantize_scheme(value) -> str | None:
+    """'int8' as asked; None or 'none' for no quantization; anything else refused by name."""
+    if value is None or value == "none":
+        return None
+    if value not in QUANTIZE_CHOICES:
+        raise OptionsError(f"quantize '{value}' is not a supported scheme (supported: {', '.join(QUANTIZE_CHOICES)})")
+    return value
+
+
+def _non_negative(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionsError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _positive_or_none(value, what: str) -> int | None:

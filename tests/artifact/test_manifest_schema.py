@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -75,7 +76,7 @@ def test_each_fact_is_stored_once(pristine):
         (lambda m: m["kv_cache"].update(block_size=1.5), "kv_cache.block_size must be an integer"),
         (lambda m: m.pop("kv_cache"), "kv_cache is missing"),
         (lambda m: m["buckets"][0].pop("graph"), "buckets[0].graph is missing"),
-        (lambda m: m["buckets"][0].update(phase="verify"), "buckets[0].phase must be"),
+        (lambda m: m["buckets"][0].update(phase="warmup"), "buckets[0].phase must be"),
         (lambda m: m["buckets"].append(dict(m["buckets"][0])), "buckets list a bucket twice"),
         (lambda m: m["buckets"][0].update(graph="graphs/elsewhere.json"), "buckets[0].graph names"),
         (lambda m: m.update(fallback_graph=7), "fallback_graph must be a string"),
@@ -92,6 +93,15 @@ def test_a_missing_or_mistyped_field_fails_in_load_naming_it(artifact, change, n
     edit(artifact, change)
     message = load_error(artifact)
     assert MANIFEST in message and named in message, message
+
+
+def test_an_artifact_written_before_an_optional_field_existed_still_loads(artifact):
+    """Fields added with a default (the chat template, speculation's k) are optional in format 2: an artifact
+    written before them loads, and reads as not using them."""
+    optional = [f.name for f in dataclasses.fields(Manifest) if f.default is not dataclasses.MISSING]
+    edit(artifact, lambda m: [m.pop(name) for name in optional if name not in ("format_version",)])
+    manifest = xllm_compiler.load(artifact).manifest
+    assert manifest.num_speculative_tokens == 0 and manifest.chat_template is None
 
 
 def test_an_older_format_is_refused_with_both_versions_named(artifact):

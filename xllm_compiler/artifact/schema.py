@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from xllm_compiler.buckets.policy import DECODE, PREFILL, Bucket
+from xllm_compiler.buckets.policy import DECODE, PREFILL, VERIFY, Bucket
 from xllm_compiler.dtypes import MODEL_DTYPES, dtype_name
 from xllm_compiler.errors import ArtifactError
 from xllm_compiler.interface import STEP_INPUTS
@@ -91,10 +91,13 @@ class KVCacheLayout:
 
 @dataclass(frozen=True)
 class TensorParallelLayout:
-    """The parallel degree and each rank's weights file (one file per rank)."""
+    """The parallel degree and each rank's weights file (one file per rank). ``size`` counts the ranks;
+    ``expert_parallel`` > 1: they split the routed experts between them (attention replicated) instead
+    of tensor-parallel sharding (models/parallel.py)."""
 
     size: int
     weights: list[str]
+    expert_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,21 @@ class LoweringRecord:
 
     platform: str
     table_version: int
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """How the linear layers' weights were quantized (passes/quant): the graphs call ``xllm::linear_w8`` on
+    ``<weight>_int8`` tensors and their float32 ``<weight>_scale``."""
+
+    scheme: str
+    """'int8': symmetric, values in [-127, 127]."""
+    granularity: str
+    """'per_output_channel': one scale per row of each weight."""
+    lm_head: bool
+    """Whether the LM head is among them."""
+    linear_layers: int
+    """How many linear layers the compile rewrote."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,12 @@ class Manifest:
     fallback_graph: str
     """The dynamic-shape graph that serves any step no bucket covers."""
     tokenizer: str | None
+    chat_template: str | None = None
+    """The checkpoint's chat template with its bos/eos strings (artifact/chat_template.py); None: it had none."""
+    num_speculative_tokens: int = 0
+    """k of the verify buckets (buckets of phase 'verify'), and generate()'s default k; 0: none compiled."""
+    quantization: QuantizationRecord | None = None
+    """The weight quantization of the linear layers; None: weights in ``model.dtype``."""
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -195,6 +219,7 @@ class Manifest:
             ("model.max_seq_len", self.model.max_seq_len),
             ("kv_cache.block_size", self.kv_cache.block_size),
             ("tensor_parallel.size", self.tensor_parallel.size),
+            ("tensor_parallel.expert_parallel", self.tensor_parallel.expert_parallel),
         ):
             if value < 1:
                 _fail(path, f"must be positive, got {value}")
@@ -205,8 +230,8 @@ class Manifest:
         if self.inputs != calling_convention():
             _fail("inputs", "are not the calling convention this runtime feeds (recompile the artifact)")
         for i, bucket in enumerate(self.buckets):
-            if bucket.phase not in (DECODE, PREFILL):
-                _fail(f"buckets[{i}].phase", f"must be {DECODE!r} or {PREFILL!r}, got {bucket.phase!r}")
+            if bucket.phase not in (DECODE, PREFILL, VERIFY):
+                _fail(f"buckets[{i}].phase", f"must be {DECODE!r}, {PREFILL!r} or {VERIFY!r}, got {bucket.phase!r}")
             if bucket.num_tokens < 1 or bucket.num_seqs < 1:
                 _fail(f"buckets[{i}]", "sizes must be positive")
         names = [b.bucket.name for b in self.buckets]
@@ -219,6 +244,7 @@ class Manifest:
             ("fallback_graph", self.fallback_graph),
             *((f"buckets[{i}].graph", b.graph) for i, b in enumerate(self.buckets)),
             *([("tokenizer", self.tokenizer)] if self.tokenizer is not None else []),
+            *([("chat_template", self.chat_template)] if self.chat_template is not None else []),
         ]
         for path, *rels in read:
             for rel in rels:
@@ -276,9 +302,11 @@ def decode(annotation: Any, value: Any, path: str) -> Any:
         kwargs = {}
         for f in dataclasses.fields(annotation):
             where = f"{path}.{f.name}" if path else f.name
-            if f.name not in value:
+            if f.name in value:
+                kwargs[f.name] = decode(hints[f.name], value[f.name], where)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 _fail(where, "is missing")
-            kwargs[f.name] = decode(hints[f.name], value[f.name], where)
+            # else: an optional field added after the artifact was written, whose default says "not used"
         return annotation(**kwargs)
     if origin is list:
         if not isinstance(value, list):
@@ -312,6 +340,7 @@ _FIELD_TYPES: dict[type, dict[str, Any]] = {
         KVCacheLayout,
         TensorParallelLayout,
         LoweringRecord,
+        QuantizationRecord,
         GraphInput,
         PassEntry,
         BucketEntry,
@@ -333,6 +362,7 @@ __all__ = [
     "Manifest",
     "ModelInfo",
     "PassEntry",
+    "QuantizationRecord",
     "RequestedOptions",
     "Source",
     "TensorParallelLayout",
