@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,15 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     return result
 
 
+def http_client(limits: httpx.Limits | None = None) -> httpx.AsyncClient:
+    """A client whose sockets send at once (TCP_NODELAY), as the server's do (serve/cli.py): a small write held
+    back by Nagle's algorithm until the peer's delayed ACK (~40 ms on Linux) would be measured as latency."""
+    transport = httpx.AsyncHTTPTransport(
+        limits=limits or httpx.Limits(), socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    )
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0), transport=transport)
+
+
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
@@ -170,7 +180,7 @@ async def poisson_load(
     rng = random.Random(seed)
     tasks: list[asyncio.Task] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with http_client(limits) as client:
         start = time.perf_counter()
         while (count is None or len(tasks) < count) and (seconds is None or time.perf_counter() - start < seconds):
             tasks.append(asyncio.create_task(one_request(client, url, make_prompt(), max_tokens)))
@@ -199,7 +209,7 @@ def summarize(results: list[Result], wall: float) -> dict:
 
 
 async def sequential(url: str, prompts: list[list[int]], max_tokens: int) -> list[Result]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+    async with http_client() as client:
         return [await one_request(client, url, p, max_tokens) for p in prompts]
 
 
@@ -208,7 +218,7 @@ async def warm_up(url: str, prompt_tokens: int, max_tokens: int, vocab: int, bur
     is built on its first use) before anything is measured."""
     rng = random.Random(-1)
     limits = httpx.Limits(max_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with http_client(limits) as client:
         await one_request(client, url, random_prompt(rng, prompt_tokens, vocab), max_tokens)
         prompts = [random_prompt(rng, prompt_tokens, vocab) for _ in range(burst)]
         await asyncio.gather(*(one_request(client, url, p, max_tokens) for p in prompts))
