@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from xllm_compiler.serve.cli import main
+from xllm_compiler.serve.cli import _bind, main
 
 
 def test_python_dash_m_serves_until_terminated(chat_artifact):
@@ -69,3 +70,13 @@ def test_a_port_in_use_is_one_line_exit_2(chat_artifact, capsys):
         assert main([str(chat_artifact), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err, err
+
+
+def test_accepted_connections_send_without_delay():
+    """Nagle's algorithm on a kept-alive connection held each response's body for the client's delayed ACK
+    (40 ms a request): the listening socket sets TCP_NODELAY, which the connections it accepts inherit."""
+    listener = _bind("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
