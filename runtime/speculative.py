@@ -88,7 +88,9 @@ class _GateState:
 @dataclass
 class AcceptanceGate:
     """Per sequence: after ``warmup`` verify steps, a moving acceptance rate under ``min_rate`` pauses its
-    proposals for ``pause`` decode steps, doubling with every pause (up to ``max_pause``), then tries again."""
+    proposals for ``pause`` decode steps, doubling with every pause (up to ``max_pause``), then tries again:
+    one verify step decides a retry (text that could not be predicted rarely can be a few tokens later, and a
+    failed retry costs a whole verify step, k draft steps with a draft model)."""
 
     min_rate: float = 0.2
     warmup: int = 4
@@ -112,7 +114,7 @@ class AcceptanceGate:
         # A running mean at first, then a moving one that forgets with ``decay``.
         weight = max(1 - self.decay, 1 / state.verify_steps)
         state.rate += weight * (kept / proposed - state.rate)
-        if state.verify_steps >= self.warmup and state.rate < self.min_rate:
+        if state.verify_steps >= (self.warmup if state.pauses == 0 else 1) and state.rate < self.min_rate:
             state.paused_for = min(self.pause << state.pauses, self.max_pause)
             state.pauses += 1
             state.verify_steps, state.rate = 0, 0.0
