@@ -404,7 +404,7 @@ def test_version(capsys, main, prog):
 
 def test_python_dash_m_dispatches_to_each_tool(capsys, artifact):
     listed = help_text(dispatcher.main, capsys)
-    assert all(f"{command} " in listed for command in ("compile", "run", "cache"))
+    assert all(f"{command} " in listed for command in ("compile", "run", "serve", "cache"))
     assert help_text(dispatcher.main, capsys, "compile") == help_text(cli.main, capsys)
     assert help_text(dispatcher.main, capsys, "run") == help_text(run.main, capsys)
     rc, out, _ = call(dispatcher.main, ["run", artifact, "--prompt-ids", "1,2", "--max-new-tokens", "1"], capsys)

@@ -1,7 +1,7 @@
 """``python -m xllm_compiler COMMAND ...``: every command-line tool behind one entry point, as ``vllm serve``
 or ``python -m pip`` do; for where the console scripts are not on PATH (a venv not activated, a cluster
-job). ``python -m xllm_compiler compile ...`` is ``xllm-compile ...``, ``run`` is ``xllm-run`` and
-``cache`` is ``xllm-cache``.
+job). ``python -m xllm_compiler compile ...`` is ``xllm-compile ...``, ``run`` is ``xllm-run``, ``serve`` is
+``xllm-serve`` and ``cache`` is ``xllm-cache``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from xllm_compiler.console import OneLineParser, version_string
 COMMANDS = {
     "compile": ("xllm_compiler.cli", "compile a checkpoint into an artifact (xllm-compile)"),
     "run": ("xllm_compiler.run", "generate with a compiled artifact (xllm-run)"),
+    "serve": ("xllm_compiler.serve.cli", "serve an artifact over an OpenAI-compatible HTTP API (xllm-serve)"),
     "cache": ("xllm_compiler.cache_cli", "list, clear or trim the compile cache (xllm-cache)"),
 }
 
