@@ -213,17 +213,22 @@ def worker_measure(spec: dict) -> dict:
     if system == "torch_compile":  # the first generate compiles: timed in this fresh process
         attempt("compile_s", lambda: [timed(generate, decode_prompts[:1], NEW_TOKENS)[0]])
 
+    # Every timed call gets prompts no earlier call has seen (the same ones for every system): the compiled
+    # model's prefix cache would otherwise serve a repeated prompt's prefill from the KV blocks of the last.
+    def fresh(batch: int, length: int, call: int) -> list[list[int]]:
+        return make_prompts(spec["vocab"], batch, length, seed=1000 * length + 10 * batch + call)
+
     def prefill() -> list[float]:
         generate(prefill_prompt, 1)
-        return [timed(generate, prefill_prompt, 1)[0] for _ in range(runs)]
+        return [timed(generate, fresh(1, PREFILL_LEN, run), 1)[0] for run in range(runs)]
 
     def decode(batch: int) -> list[float]:
         prompts = decode_prompts[:batch]
         generate(prompts, NEW_TOKENS)  # warm-up (torch_compile: compiles this batch size)
         ones, fulls = [], []
-        for _ in range(runs):
-            ones.append(timed(generate, prompts, 1)[0])
-            full, tokens[str(batch)] = timed(generate, prompts, NEW_TOKENS)
+        for run in range(runs):
+            ones.append(timed(generate, fresh(batch, PROMPT_LEN, 2 * run), 1)[0])
+            full, tokens[str(batch)] = timed(generate, fresh(batch, PROMPT_LEN, 2 * run + 1), NEW_TOKENS)
             fulls.append(full)
         one = statistics.median(ones)  # one prefill: a stall in it would otherwise inflate a run's tokens/s
         if max(fulls) <= one:
