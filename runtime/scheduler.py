@@ -218,7 +218,7 @@ class StepScheduler:
                 self._counters["accepted_tokens"] += len(kept) - 1
                 self._counters["verified_sequences"] += 1
             seq.num_computed += len(kept)  # the last token and the proposals kept: their K/V are now right
-            self._key_new_blocks([seq])
+            self._key_new_blocks([seq], tokens=seq.tokens + kept)  # the kept ones are not appended yet
             outputs.append(self._advance(seq, kept, None))
         return outputs
 
@@ -233,12 +233,13 @@ class StepScheduler:
         seq.blocks += blocks
         return True
 
-    def _key_new_blocks(self, seqs: Iterable[Sequence]) -> None:
+    def _key_new_blocks(self, seqs: Iterable[Sequence], tokens: list[int] | None = None) -> None:
+        """Key the blocks each sequence has filled; ``tokens``: the one sequence's tokens, if not yet its own."""
         if self.prefix_cache is None:
             return
         for seq in seqs:
             if seq.num_computed // self.block_size > len(seq.block_hashes):
-                self._key_full_blocks(seq)
+                self._key_full_blocks(seq, seq.tokens if tokens is None else tokens)
 
     def _count_step(self, decode: bool, work: list[tuple[Sequence, int]]) -> None:
         if decode:
@@ -324,14 +325,14 @@ class StepScheduler:
         seq.blocks += fresh
         return count
 
-    def _key_full_blocks(self, seq: Sequence) -> None:
-        """Hand the blocks ``seq`` has just filled to the prefix cache (one hash per block, once)."""
+    def _key_full_blocks(self, seq: Sequence, tokens: list[int]) -> None:
+        """Hand the blocks ``seq`` has just filled with ``tokens`` to the prefix cache (one hash per block, once)."""
         cache = self.prefix_cache
         assert cache is not None
         size = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed // size):
             key = cache.block_hash(
-                seq.block_hashes[-1] if seq.block_hashes else None, seq.tokens[i * size : (i + 1) * size]
+                seq.block_hashes[-1] if seq.block_hashes else None, tokens[i * size : (i + 1) * size]
             )
             seq.block_hashes.append(key)
             cache.insert(key, seq.blocks[i])

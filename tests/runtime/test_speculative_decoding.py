@@ -136,6 +136,23 @@ def test_a_draft_with_another_vocabulary_is_refused(checkpoints, llama, prompts)
         llama.generate(prompts, 4, speculative="ngram", num_speculative_tokens=0)
 
 
+def test_blocks_filled_by_verify_steps_are_keyed_by_their_tokens(checkpoints, llama_dir, llama):
+    """The prefix cache keys a block when it is full; after a verify step the kept proposals are in its K/V
+    before they are appended to the sequence, and must be what the key is made of: a prompt that repeats a
+    speculative request's text then finds every full block of it cached (in a model where only that
+    request ran, so no plain run could have keyed the blocks instead)."""
+    prompt = mixed_prompts(llama.vocab_size, lengths=(5,), seed=11)[0]
+    reference = run(llama, [prompt], (28,))[0]
+    model_dir, _ = llama_dir
+    fresh = xllm_compiler.load(checkpoints.artifact(model_dir, num_speculative_tokens=3, **OPTIONS))
+    oracle = Oracle(3, {tuple(prompt): reference}, fresh.vocab_size)
+    assert run(fresh, [prompt], (28,), oracle) == [reference]
+    again = prompt + reference[:27]  # 32 tokens: the first three blocks full and cached
+    scheduler = fresh.make_scheduler()
+    scheduler.run([Request("again", again, SamplingParams(max_new_tokens=1, ignore_eos=True))])
+    assert scheduler.stats()["prefix_cache_hits"] == (len(again) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
 def test_a_request_at_max_seq_len_never_writes_past_its_blocks(llama):
     """prompt + max_new_tokens == max_seq_len: proposals never reach past the generation's last token."""
     prompt = mixed_prompts(llama.vocab_size, lengths=(OPTIONS["max_seq_len"] - 6,), seed=3)
