@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import uvicorn
 
 import xllm_compiler
 from xllm_compiler.serve.app import ServeOptions, build_app
+from xllm_compiler.serve.cli import _bind
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "tools" / "tiny-llama"
 #: Decode up to 8 sequences per step; prefill buckets of 16 and 64 tokens; KV blocks of 16 tokens.
@@ -102,7 +102,7 @@ def start_server(artifact: Path, options: ServeOptions | None = None, **schedule
     options = options or ServeOptions(MODEL_NAME)
     model = xllm_compiler.load(artifact, kv_blocks=scheduler.pop("kv_blocks", None))
     app = build_app(model, model.make_scheduler(**scheduler), options)
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = _bind("127.0.0.1", 0)  # as xllm-serve binds: TCP_NODELAY on what it accepts
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

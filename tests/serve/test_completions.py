@@ -153,3 +153,13 @@ def test_32_concurrent_streams_equal_their_offline_outputs(server, offline):
 
     assert asyncio.run(all_of_them()) == expected
     assert server.metric("xllm_requests_running") == 0
+
+
+def test_a_speculative_server_gives_the_offline_greedy_tokens(make_server, chat_artifact, offline):
+    """--speculative ngram: verify steps behind the same API, the same greedy tokens."""
+    speculating = make_server(chat_artifact, speculator=offline.speculator("ngram", 3))
+    prompts = [[1, 40, 41, 42, 40, 41, 42, 40], [1, 9, 10, 11]]
+    for ids in prompts:
+        body = {"model": speculating.name, "prompt": ids, "max_tokens": 12, "temperature": 0}
+        out = speculating.post("/v1/completions", {**body, "return_token_ids": True}).json()
+        assert out["choices"][0]["token_ids"] == greedy(offline, ids, 12)

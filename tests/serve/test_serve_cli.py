@@ -45,6 +45,8 @@ def test_python_dash_m_serves_until_terminated(chat_artifact):
         (["--port", "70000"], "--port must be in [0, 65535]"),
         (["--max-queue", "-1"], "--max-queue must not be negative"),
         (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
+        (["--speculative", "medusa"], "--speculative medusa: not 'ngram'"),
+        (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
     ],
 )
 def test_bad_options_are_one_line_exit_2(chat_artifact, capsys, argv, message):

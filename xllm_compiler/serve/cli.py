@@ -50,6 +50,17 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
     parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument(
+        "--speculative",
+        metavar="ngram|DRAFT_DIR",
+        help="decode speculatively: 'ngram' (prompt lookup) or a draft artifact with the same vocabulary",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        help="--speculative: proposals per verify step (default: the artifact's, else 3)",
+    )
     parser.add_argument("--device", help="run on this device (default: the artifact's target)")
     parser.add_argument(
         "--log-level",
@@ -85,6 +96,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _speculator(model, args, load):
+    """The --speculative proposer (runtime/speculative.py), or None."""
+    if args.speculative is None:
+        return None
+    draft = args.speculative
+    if draft != "ngram":
+        if not Path(draft).is_dir():
+            raise OptionsError(f"--speculative {draft}: not 'ngram' and not an artifact folder")
+        draft = load(draft, device=args.device)
+    return model.speculator(draft, args.num_speculative_tokens)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -106,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=not args.no_prefix_caching,
+            speculator=_speculator(model, args, load),
         )
         if model.engine.group.rank != 0:  # under torchrun: rank 0 serves, this rank follows its steps
             follow(scheduler, RankChannel())
