@@ -60,6 +60,32 @@ def checked_tokenizer(artifact: Path) -> Any | None:
     return check.tokenizer
 
 
+def add_speculative_options(parser: OneLineParser) -> None:
+    """--speculative and --num-speculative-tokens, as xllm-run and xllm-serve take them."""
+    parser.add_argument(
+        "--speculative",
+        metavar="ngram|DRAFT_DIR",
+        help="decode speculatively: 'ngram' (prompt lookup) or a draft artifact with the same vocabulary",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        metavar="K",
+        help="--speculative: proposals per verify step (default: the artifact's, else 3)",
+    )
+
+
+def speculative_from_args(args: Any, load: Any) -> Any:
+    """What --speculative names: None, "ngram", or the draft artifact, loaded on --device."""
+    from xllm_compiler.errors import OptionsError
+
+    if args.speculative in (None, "ngram"):
+        return args.speculative
+    if not Path(args.speculative).is_dir():
+        raise OptionsError(f"--speculative {args.speculative}: not 'ngram' and not an artifact folder")
+    return load(args.speculative, device=args.device)
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="xllm-run", description="Generate tokens with a compiled xllm_compiler artifact.")
     parser.add_argument("artifact", help="folder written by xllm-compile")
@@ -94,17 +120,7 @@ def build_parser() -> OneLineParser:
         metavar="FILE.json",
         help="MoE models: write the tokens routed to each expert of each layer here (the input of --expert-placement)",
     )
-    parser.add_argument(
-        "--speculative",
-        metavar="ngram|DRAFT_DIR",
-        help="decode speculatively: 'ngram' (prompt lookup) or a draft artifact with the same vocabulary",
-    )
-    parser.add_argument(
-        "--num-speculative-tokens",
-        type=int,
-        metavar="K",
-        help="--speculative: proposals per verify step (default: the artifact's, else 3)",
-    )
+    add_speculative_options(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -128,11 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_blocks=args.kv_blocks,
             max_memory_utilization=args.max_memory_utilization,
         )
-        speculative = args.speculative
-        if speculative is not None and speculative != "ngram":
-            if not Path(speculative).is_dir():
-                raise OptionsError(f"--speculative {speculative}: not 'ngram' and not an artifact folder")
-            speculative = load(speculative, device=args.device)
+        speculative = speculative_from_args(args, load)
         if as_text:
             tokenizer = tokenizer or model.tokenizer  # None only if load() read a manifest we could not
             prompts = [tokenizer.encode(p).ids for p in args.prompt]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from xllm_compiler.console import EXIT_OK, OneLineParser, guarded, version_string
 from xllm_compiler.errors import OptionsError
+from xllm_compiler.run import add_speculative_options, speculative_from_args
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9977
 
@@ -50,17 +51,7 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
     parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    parser.add_argument(
-        "--speculative",
-        metavar="ngram|DRAFT_DIR",
-        help="decode speculatively: 'ngram' (prompt lookup) or a draft artifact with the same vocabulary",
-    )
-    parser.add_argument(
-        "--num-speculative-tokens",
-        type=int,
-        metavar="K",
-        help="--speculative: proposals per verify step (default: the artifact's, else 3)",
-    )
+    add_speculative_options(parser)
     parser.add_argument("--device", help="run on this device (default: the artifact's target)")
     parser.add_argument(
         "--log-level",
@@ -98,14 +89,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _speculator(model, args, load):
     """The --speculative proposer (runtime/speculative.py), or None."""
-    if args.speculative is None:
-        return None
-    draft = args.speculative
-    if draft != "ngram":
-        if not Path(draft).is_dir():
-            raise OptionsError(f"--speculative {draft}: not 'ngram' and not an artifact folder")
-        draft = load(draft, device=args.device)
-    return model.speculator(draft, args.num_speculative_tokens)
+    draft = speculative_from_args(args, load)
+    return None if draft is None else model.speculator(draft, args.num_speculative_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
