@@ -60,6 +60,31 @@ def test_a_load_with_a_cached_build_says_nothing(empty_extension_dir, monkeypatc
     assert capfd.readouterr().err == ""
 
 
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(empty_extension_dir, monkeypatch):
+    """torch's builder waits for ever while its ``lock`` file exists; a build killed part-way leaves one."""
+    stale = native.build_directory() / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"")
+
+    def fake_load(**kwargs):
+        assert not stale.exists()  # cleared before torch's builder looks for it
+        return "module"
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    assert native.native_kernels.__wrapped__() == "module"
+
+
+def test_builds_take_turns_on_an_flock(empty_extension_dir):
+    from filelock import FileLock, Timeout
+
+    with native.exclusive_build(native.build_directory()):
+        other = FileLock(str(empty_extension_dir / f"{native.extension_name()}.flock"), timeout=0.05)
+        with pytest.raises(Timeout):
+            other.acquire()
+    other.acquire()
+    other.release()
+
+
 @pytest.fixture(scope="module")
 def llama_dir(checkpoints):
     return checkpoints.checkpoint("LlamaForCausalLM")[0]

@@ -14,13 +14,17 @@ results, more time per op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+
+from filelock import FileLock
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp")]
 
@@ -69,6 +73,21 @@ def needs_build() -> bool:
     return enabled() and not is_built()
 
 
+@contextlib.contextmanager
+def exclusive_build(directory: Path) -> Iterator[None]:
+    """Hold the build of ``directory`` alone, and clear what a killed build left behind.
+
+    torch's builder serialises builds with a plain ``lock`` file in the build folder and waits, silently and
+    for ever, while one exists; a build killed part-way (an interrupted compile, a killed CI job) leaves it
+    behind. Ours is an flock beside the folder, which the kernel releases when its holder dies: whoever holds
+    it is the only builder of ours, so a ``lock`` file found then is stale and is removed.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory.parent / f"{directory.name}.flock")):
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+
+
 @functools.cache
 def native_kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (then composites are used)."""
@@ -84,13 +103,14 @@ def native_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=extension_name(),
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with exclusive_build(build_directory()):
+            return load(
+                name=extension_name(),
+                sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no headers: the composites still work
         warnings.warn(f"xllm_compiler: fused CPU kernels unavailable, using torch composites ({exc})", stacklevel=2)
         return None
