@@ -37,6 +37,18 @@ class Engine:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def hold_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give ``seq`` the blocks its first ``num_tokens`` tokens need, if the pool has them all; False (and
+        nothing taken) if not. The one place sequences grow: the scheduler's and a draft model's."""
+        needed = self.blocks_for(num_tokens) - len(seq.blocks)
+        if needed <= 0:
+            return True
+        blocks = self.pool.allocate(needed)
+        if blocks is None:
+            return False
+        seq.blocks += blocks
+        return True
+
     def step(self, phase: str, work: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run ``n`` new tokens of each (sequence, n): the tokens from its ``num_computed`` on, whose blocks it
         already holds. Returns float32 logits [len(work), vocab] on the CPU, row i at the last token of entry i."""

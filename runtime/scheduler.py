@@ -199,7 +199,7 @@ class StepScheduler:
         room = [max(0, min(self.speculator.num_tokens, s.max_new_tokens - len(s.generated) - 1)) for s in seqs]
         proposals = self.speculator.propose(seqs, room)
         for seq, proposal in zip(seqs, proposals, strict=True):
-            if proposal.tokens and not self._reserve(seq, len(seq.tokens) + len(proposal.tokens)):
+            if proposal.tokens and not self.engine.hold_blocks(seq, len(seq.tokens) + len(proposal.tokens)):
                 proposal.tokens, proposal.probs = [], None
         if not any(p.tokens for p in proposals):
             return None
@@ -221,17 +221,6 @@ class StepScheduler:
             self._key_new_blocks([seq], tokens=seq.tokens + kept)  # the kept ones are not appended yet
             outputs.append(self._advance(seq, kept, None))
         return outputs
-
-    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for ``num_tokens`` tokens of ``seq`` if the pool has them (no preemption)."""
-        needed = self.engine.blocks_for(num_tokens) - len(seq.blocks)
-        if needed <= 0:
-            return True
-        blocks = self.pool.allocate(needed)
-        if blocks is None:
-            return False
-        seq.blocks += blocks
-        return True
 
     def _key_new_blocks(self, seqs: Iterable[Sequence], tokens: list[int] | None = None) -> None:
         """Key the blocks each sequence has filled; ``tokens``: the one sequence's tokens, if not yet its own."""
@@ -286,14 +275,7 @@ class StepScheduler:
     def _grow(self, seq: Sequence, count: int, work: list[tuple[Sequence, int]]) -> bool:
         """Give ``seq`` the blocks for ``count`` more tokens, preempting the newest running sequences while the
         pool is short; False when ``seq`` itself had to go."""
-        needed = self.engine.blocks_for(seq.num_computed + count) - len(seq.blocks)
-        if needed <= 0:
-            return True
-        while True:
-            blocks = self.pool.allocate(needed)
-            if blocks is not None:
-                seq.blocks += blocks
-                return True
+        while not self.engine.hold_blocks(seq, seq.num_computed + count):
             victim = self.running.pop()
             work[:] = [(s, n) for s, n in work if s is not victim]
             self._free(victim)
@@ -302,6 +284,7 @@ class StepScheduler:
             self._counters["preemptions"] += 1
             if victim is seq:
                 return False
+        return True
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Start (or restart) a waiting sequence: the cached blocks its tokens begin with, then blocks for its
@@ -314,15 +297,13 @@ class StepScheduler:
             self._counters["prefix_cache_queries"] += len(seq.tokens)
             self._counters["prefix_cache_hits"] += seq.num_computed
         count = min(len(seq.tokens) - seq.num_computed, budget)
-        fresh = self.pool.allocate(self.engine.blocks_for(seq.num_computed + count) - len(seq.blocks))
-        if fresh is None:
+        if not self.engine.hold_blocks(seq, seq.num_computed + count):
             if self.prefix_cache is not None:
                 self._counters["prefix_cache_queries"] -= len(seq.tokens)
                 self._counters["prefix_cache_hits"] -= seq.num_computed
             self._free(seq)
             seq.num_computed = 0
             return 0
-        seq.blocks += fresh
         return count
 
     def _key_full_blocks(self, seq: Sequence, tokens: list[int]) -> None:

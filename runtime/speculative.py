@@ -175,7 +175,7 @@ class DraftSpeculator:
             limit = min(limit, self.max_seq_len - len(seq.tokens))
             if limit > 0 and self.gate.allows(seq):
                 mine = self._follow(seq)
-                if self._reserve(mine, len(seq.tokens) + limit - 1):
+                if self.engine.hold_blocks(mine, len(seq.tokens) + limit - 1):
                     drafting.append((i, seq, mine, limit))
         self._catch_up([mine for _, _, mine, _ in drafting])
         proposals = [Proposal([]) for _ in seqs]
@@ -216,16 +216,6 @@ class DraftSpeculator:
         mine.tokens = list(seq.tokens)
         mine.num_computed = min(mine.num_computed, agree, len(seq.tokens) - 1)
         return mine
-
-    def _reserve(self, mine: Sequence, num_tokens: int) -> bool:
-        needed = self.engine.blocks_for(num_tokens) - len(mine.blocks)
-        if needed <= 0:
-            return True
-        blocks = self.engine.pool.allocate(needed)
-        if blocks is None:
-            return False
-        mine.blocks += blocks
-        return True
 
     def _catch_up(self, seqs: list[Sequence]) -> None:
         """Compute every token but the last of each sequence (the first drafting step feeds the last)."""
