@@ -13,6 +13,30 @@ from xllm_compiler.models.registry import load_spec
 from xllm_compiler.models.weights import Checkpoint, load_experts
 
 EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+#: DeepSeek-V3's router tensors, which stay float32 whatever the model dtype (as in transformers).
+FLOAT32_ROUTER_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+#: The projections whose outputs hold MLA's rotary parts (per head for the query, once for the latent key).
+MLA_ROPE_PROJECTIONS = ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa")
+
+
+def deinterleave_rope_rows(spec: ModelSpec, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the output rows of its rotary parts reordered from DeepSeek's interleaved pairs
+    (x0, x1), (x2, x3)... to the halves (x0, x2, ...), (x1, x3, ...) that rotate_half rotates.
+
+    transformers' interleaved rotary gives exactly the de-interleaved values rotated the rotate-half way,
+    and queries and keys are reordered alike (attention only sees their dot products), so doing it once
+    in the weights leaves one rotary form in every graph, and results bit-identical.
+    """
+    mla = spec.mla
+    module = name.rpartition(".")[0]
+    if mla is None or not mla.rope_interleave or not module.endswith(MLA_ROPE_PROJECTIONS):
+        return tensor
+    rope = mla.qk_rope_head_dim
+    head = mla.latent_dim if module.endswith("kv_a_proj_with_mqa") else mla.qk_head_dim
+    order = torch.arange(head)
+    order[-rope:] = torch.cat((order[-rope::2], order[-rope + 1 :: 2]))
+    rows = tensor.view(-1, head, *tensor.shape[1:]).index_select(1, order)
+    return rows.reshape(tensor.shape)
 
 
 def build_model(
@@ -35,15 +59,18 @@ def build_model(
     with Checkpoint(model_dir) as checkpoint:
         for name, param in list(model.named_parameters()):
             dim = tp.shard_dim(name)
+            router = spec.moe is not None and spec.moe.router_in_float32 and name.endswith(FLOAT32_ROUTER_TENSORS)
+            load_dtype = torch.float32 if router else dtype
             if spec.moe is not None and name.endswith(EXPERT_TENSORS):
                 span = tp.span(spec.moe.expert_intermediate_size)
                 tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype, span)
             elif dim is None:
-                tensor = checkpoint.load(name, tuple(param.shape), dtype)
+                tensor = checkpoint.load(name, tuple(param.shape), load_dtype)
             else:
                 whole = list(param.shape)
                 whole[dim] *= tp.size
                 tensor = checkpoint.load(name, tuple(whole), dtype, (dim, *tp.span(whole[dim])))
+            tensor = deinterleave_rope_rows(spec, name, tensor)
             owner_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner_name), leaf, torch.nn.Parameter(tensor, requires_grad=False))
     if spec.tie_word_embeddings:

@@ -16,8 +16,9 @@ import torch
 
 from xllm_compiler.dtypes import MODEL_DTYPES
 from xllm_compiler.errors import ConfigError
+from xllm_compiler.interface import KV_PLANES, LATENT_PLANES
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn, as config.json gives them (rope.py derives the cos/sin and softmax scales from them)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # round the correction range out to whole dimensions
+    attention_factor: float | None = None  # cos/sin scale; None: derived from factor, mscale, mscale_all_dim
+    mscale: float | None = None
+    mscale_all_dim: float | None = None  # any non-default type: DeepSeek's softmax scale correction
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,40 @@ class MoESpec:
     shared_expert_size: int  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
     module: str  # the checkpoint's name for the MoE block: 'mlp' or 'block_sparse_moe'
     expert_projections: tuple[str, str, str]  # per-expert tensor names: gate, up, down
+    # DeepSeek-V3's router: sigmoid scores, a bias for the choice only, groups of experts, scaled weights.
+    # 'softmax' (Qwen, Mixtral), 'sigmoid' (DeepSeek-V3: bias-steered groups), 'group_softmax' (DeepSeek-V2)
+    scoring: str = "softmax"
+    num_groups: int = 1  # n_group: experts are chosen from the topk_groups best groups only
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    router_in_float32: bool = False  # DeepSeek keeps the router weight (and its bias) in float32
+    router_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    shared_expert_gated: bool = True  # Qwen2-MoE gates its shared expert by a sigmoid; DeepSeek adds it as is
+    shared_module: str = "shared_expert"  # the checkpoint's name: 'shared_expert' or 'shared_experts'
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from one compressed latent per
+    token, which is what the KV cache stores (``kv_lora_rank`` + ``qk_rope_head_dim`` values)."""
+
+    q_lora_rank: int  # 0: a plain q_proj; else q_a_proj -> q_a_layernorm -> q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float  # qk_head_dim ** -0.5, with yarn's mscale correction where the rope asks for it
+    rope_interleave: bool  # rope dims stored as interleaved pairs: de-interleaved at load (models/build.py)
+    attention_bias: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values per token per layer in the cache: the latent and the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -71,6 +113,22 @@ class ModelSpec:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     moe: MoESpec | None = None
+    mla: MLASpec | None = None  # None: grouped-query attention over expanded K/V
+
+
+def kv_cache_geometry(spec: ModelSpec, tp: int = 1) -> tuple[int, int, int]:
+    """(planes, heads, values per head) of each layer's cache on one of ``tp`` ranks: K and V of this
+    rank's KV heads, or MLA's one latent row per token (replicated: every rank's heads read all of it)."""
+    if spec.mla is not None:
+        return LATENT_PLANES, 1, spec.mla.latent_dim
+    return KV_PLANES, spec.num_kv_heads // tp, spec.head_dim
+
+
+def expanded_kv_width(spec: ModelSpec, tp: int = 1) -> int:
+    """Values per token per layer that K and V would take expanded, per rank: what MLA's latent saves."""
+    if spec.mla is not None:
+        return (spec.num_heads // tp) * (spec.mla.qk_head_dim + spec.mla.v_head_dim)
+    return 2 * (spec.num_kv_heads // tp) * spec.head_dim
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -113,7 +171,12 @@ def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype | None:
 
 
 def rope_spec(config: dict[str, Any]) -> RopeSpec:
-    """Rope parameters from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4)."""
+    """Rope parameters from ``rope_parameters`` (v5) or ``rope_theta`` + ``rope_scaling`` (v4).
+
+    yarn reads its keys as transformers does: ``original_max_position_embeddings`` from the top level of
+    config.json first (Phi-3 keeps it there), then the rope parameters, then ``max_position_embeddings``;
+    a ``factor`` of null is the ratio max_position_embeddings / original (DeepSeek), an absent one an error.
+    """
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
@@ -126,8 +189,46 @@ def rope_spec(config: dict[str, Any]) -> RopeSpec:
         return RopeSpec(theta=float(theta))
     if "factor" not in params:
         raise ConfigError(f"rope type '{kind}' needs a 'factor'")
+
+    def number(key: str) -> float | None:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"rope parameter '{key}' must be a number, got {value!r}")
+        return None if value is None else float(value)
+
+    mscale_all_dim = number("mscale_all_dim")
     if kind == "linear":
-        return RopeSpec(theta=float(theta), kind=kind, factor=float(params["factor"]))
+        return RopeSpec(theta=float(theta), kind=kind, factor=float(params["factor"]), mscale_all_dim=mscale_all_dim)
+    if kind == "yarn":
+        original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        original = original or require(config, "max_position_embeddings")
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            raise ConfigError(
+                f"rope parameter 'original_max_position_embeddings' must be a positive int, got {original!r}"
+            )
+        factor = number("factor")
+        if factor is None:
+            factor = require(config, "max_position_embeddings") / original
+        if factor < 1.0:
+            raise ConfigError(f"rope parameter 'factor' must be at least 1 for yarn, got {factor}")
+        truncate = params.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ConfigError(f"rope parameter 'truncate' must be true or false, got {truncate!r}")
+        attention_factor = number("attention_factor")
+        if attention_factor is not None and attention_factor < 0:
+            raise ConfigError(f"rope parameter 'attention_factor' must not be negative, got {attention_factor}")
+        return RopeSpec(
+            theta=float(theta),
+            kind=kind,
+            factor=factor,
+            original_max_position_embeddings=original,
+            beta_fast=number("beta_fast") or 32.0,  # transformers: 0 and null both mean the default
+            beta_slow=number("beta_slow") or 1.0,
+            truncate=truncate,
+            attention_factor=attention_factor,
+            mscale=number("mscale"),
+            mscale_all_dim=mscale_all_dim,
+        )
     return RopeSpec(
         theta=float(theta),
         kind=kind,
@@ -137,6 +238,7 @@ def rope_spec(config: dict[str, Any]) -> RopeSpec:
         original_max_position_embeddings=int(
             params.get("original_max_position_embeddings", config.get("max_position_embeddings", 8192))
         ),
+        mscale_all_dim=mscale_all_dim,
     )
 
 

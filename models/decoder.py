@@ -1,9 +1,10 @@
-"""The flat decoder shared by Llama, Mistral, Qwen2/3 and their MoE kin: one readable forward over flattened tokens.
+"""The flat decoder shared by Llama, Mistral, Qwen2/3, their MoE kin and DeepSeek-V3: one readable forward over
+flattened tokens.
 
 Module names follow Hugging Face's checkpoints (``model.layers.0.self_attn.q_proj``...) so that weights
-load by name. Attention is the opaque ``xllm::paged_attention`` op and routed experts the opaque
-``xllm::moe_experts`` op; everything else is plain torch and the reference ops of
-``xllm_compiler.ops.reference``, which the fusion passes later recognise.
+load by name. Attention is the opaque ``xllm::paged_attention`` op (DeepSeek's latent attention
+``xllm::mla_attention``) and routed experts the opaque ``xllm::moe_experts`` op; everything else is plain
+torch and the reference ops of ``xllm_compiler.ops.reference``, which the fusion passes later recognise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ from xllm_compiler.models.config import ModelSpec, MoESpec
 from xllm_compiler.models.parallel import TRACED_GROUP, TensorParallel
 from xllm_compiler.models.rope import cos_sin_tables
 from xllm_compiler.ops.collectives import all_reduce
-from xllm_compiler.ops.reference import apply_rotary, rms_norm, route_topk, silu_and_mul
+from xllm_compiler.ops.reference import (
+    apply_rotary,
+    rms_norm,
+    route_group_limited_softmax,
+    route_grouped_topk,
+    route_topk,
+    silu_and_mul,
+)
+
+#: transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not the config's.
+MLA_NORM_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
@@ -95,6 +106,65 @@ class Attention(nn.Module):
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
 
 
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention, as transformers computes it: queries from ``q_proj`` or the
+    low-rank ``q_a_proj -> q_a_layernorm -> q_b_proj``; one latent per token from ``kv_a_proj_with_mqa``
+    (normalised) plus a rotary key part shared by all heads, which is what the cache keeps. The opaque
+    ``xllm::mla_attention`` expands keys and values from the cached latents through ``kv_b_proj``; the
+    ``absorb_mla_weights`` pass turns decode buckets into attention over the latent itself (ops/mla.py).
+    With tensor parallelism each rank holds its heads' rows of q(_b)_proj and kv_b_proj and all of the
+    latent (kv_a_proj_with_mqa and q_a_proj are replicated)."""
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel):
+        super().__init__()
+        mla = spec.mla
+        assert mla is not None
+        self.mla, self.num_heads = mla, tp.local(spec.num_heads)
+        q_size = self.num_heads * mla.qk_head_dim
+        if mla.q_lora_rank:
+            self.q_a_proj = nn.Linear(spec.hidden_size, mla.q_lora_rank, bias=mla.attention_bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, MLA_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_size, bias=False)
+        else:
+            self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(spec.hidden_size, mla.latent_dim, bias=mla.attention_bias)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, MLA_NORM_EPS)
+        heads_kv = self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads_kv, bias=False)
+        self.o_proj = RowParallelLinear(spec.num_heads * mla.v_head_dim, spec.hidden_size, mla.attention_bias, tp)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, rope]
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,  # [1, num_blocks, block_size, 1, kv_lora_rank + rope]
+        step: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        mla = self.mla
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if mla.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(-1, self.num_heads, mla.qk_head_dim).split(
+            [mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1
+        )
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe, k_pe = apply_rotary(q_pe, cos, sin), apply_rotary(k_pe.unsqueeze(1), cos, sin)
+        out = torch.ops.xllm.mla_attention(
+            q_nope,
+            q_pe,
+            latent,
+            k_pe,
+            kv_cache,
+            step["slot_mapping"],
+            step["query_lens"],
+            step["seq_lens"],
+            step["block_tables"],
+            self.kv_b_proj.weight,
+            mla.softmax_scale,
+        )  # [T, H, v]
+        return self.o_proj(out.reshape(-1, self.num_heads * mla.v_head_dim))
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TensorParallel, intermediate_size: int | None = None, reduce: bool = True):
         super().__init__()
@@ -121,9 +191,21 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, size) * size**-0.5)
 
 
+class GroupedTopkRouter(nn.Module):
+    """DeepSeek's router (``mlp.gate``): its weight and (V3) the choice-only ``e_score_correction_bias``, both
+    kept in float32 whatever the model dtype, as transformers keeps them."""
+
+    def __init__(self, hidden_size: int, num_experts: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_experts, hidden_size) * hidden_size**-0.5)
+        if bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts))
+
+
 class SparseMoE(nn.Module):
-    """Router -> top-k experts (-> + Qwen2-MoE's sigmoid-gated shared expert), as transformers computes it:
-    router logits in the model dtype, softmax and top-k in float32.
+    """Router -> top-k experts (-> + a shared expert), as transformers computes it: Qwen's and Mixtral's
+    router logits in the model dtype, softmax and top-k in float32; DeepSeek's grouped routing (V3: sigmoid,
+    V2: softmax) all in float32. Qwen2-MoE gates its shared expert by a sigmoid, DeepSeek adds its shared experts as is.
 
     With tensor parallelism the router and its gates are replicated (every rank routes the same tokens
     to the same experts), the experts and the shared expert return partial sums, and one all-reduce
@@ -135,18 +217,36 @@ class SparseMoE(nn.Module):
     def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel, moe_layer: int):
         super().__init__()
         self.moe, self.tp = moe, tp
-        self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
+        if moe.router_in_float32:
+            self.gate = GroupedTopkRouter(spec.hidden_size, moe.num_experts, moe.router_bias)
+        else:
+            self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
         self.experts = Experts(spec, moe, tp, moe_layer)  # all: keep_local_experts drops others after loading
         table, self.columns = tp.ep.expert_table(moe_layer, moe.num_experts) if tp.ep.size > 1 else (None, 1)
         self.register_buffer("expert_table", table)  # None: this rank holds every expert
         # Tokens routed to each expert (and, last, tokens seen): the runtime's expert stats (ops/moe.py).
         self.register_buffer("expert_counts", torch.zeros(moe.num_experts + 1, dtype=torch.int64, device="cpu"))
         if moe.shared_expert_size:
-            self.shared_expert = MLP(spec, tp, moe.shared_expert_size, reduce=False)
-            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+            self.add_module(moe.shared_module, MLP(spec, tp, moe.shared_expert_size, reduce=False))
+            if moe.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k weights and expert ids [T, k] of each row of ``x``."""
+        moe = self.moe
+        if moe.scoring == "sigmoid":
+            logits = F.linear(x.float(), self.gate.weight.float())
+            bias = self.gate.e_score_correction_bias
+            grouping = (moe.num_groups, moe.topk_groups, moe.renormalise, moe.routed_scaling_factor)
+            return route_grouped_topk(logits, bias, moe.top_k, *grouping)
+        if moe.scoring == "group_softmax":
+            logits = F.linear(x.float(), self.gate.weight.float())
+            grouping = (moe.num_groups, moe.topk_groups, moe.routed_scaling_factor)
+            return route_group_limited_softmax(logits, moe.top_k, *grouping)
+        return route_topk(self.gate(x), moe.top_k, moe.renormalise)
 
     def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:  # [T, H], [T]
-        weights, ids = route_topk(self.gate(x), self.moe.top_k, self.moe.renormalise)  # [T, k] each
+        weights, ids = self.route(x)  # [T, k] each
         if self.moe.weights_in_model_dtype:
             weights = weights.to(x.dtype)
         experts = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.expert_table, self.columns)
@@ -155,7 +255,8 @@ class SparseMoE(nn.Module):
         if self.expert_table is not None:
             out = all_reduce(out, TRACED_GROUP)
         if self.moe.shared_expert_size:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = getattr(self, self.moe.shared_module)(x)
+            out = out + (torch.sigmoid(self.shared_expert_gate(x)) * shared if self.moe.shared_expert_gated else shared)
         return all_reduce(out, TRACED_GROUP) if self.tp.size > 1 else out
 
 
@@ -163,7 +264,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer, tp)
+        self.self_attn = LatentAttention(spec, tp) if spec.mla is not None else Attention(spec, layer, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.sparse = spec.moe is not None and spec.moe.sparse_layers[layer]
         self.ffn_name = spec.moe.module if self.sparse else "mlp"  # Mixtral's checkpoints say block_sparse_moe
@@ -214,7 +315,7 @@ class DecoderForCausalLM(nn.Module):
         seq_lens: torch.Tensor,  # [S] int32
         block_tables: torch.Tensor,  # [S, max_blocks_per_seq] int32
         logits_indices: torch.Tensor,  # [S] int64
-        kv_caches: list[torch.Tensor],  # L x [2, num_blocks, block_size, Hkv, D]
+        kv_caches: list[torch.Tensor],  # L x [2, num_blocks, block_size, Hkv, D] (MLA: [1, ..., 1, latent])
     ) -> torch.Tensor:
         step = {
             "slot_mapping": slot_mapping,

@@ -50,8 +50,12 @@ COLUMN_PARALLEL = (
     "mlp.up_proj",
     "shared_expert.gate_proj",
     "shared_expert.up_proj",
+    "shared_experts.gate_proj",
+    "shared_experts.up_proj",
+    "self_attn.q_b_proj",  # MLA: split by heads; q_a_proj and kv_a_proj_with_mqa (the latent) stay whole
+    "self_attn.kv_b_proj",
 )
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj", "shared_expert.down_proj")
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj", "shared_expert.down_proj", "shared_experts.down_proj")
 #: Collectives are traced with this group name; the runtime binds the real process group's name.
 TRACED_GROUP = "tp"
 

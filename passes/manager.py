@@ -26,6 +26,7 @@ from xllm_compiler.passes.cleanup.remove_noop_ops import remove_noop_ops
 from xllm_compiler.passes.comm.fuse_all_reduce_add_rms_norm import fuse_all_reduce_add_rms_norm
 from xllm_compiler.passes.comm.reorder_collectives import reorder_collectives
 from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions, SplitMicroBatches, split_micro_batches
+from xllm_compiler.passes.fusion.absorb_mla_weights import absorb_mla_weights
 from xllm_compiler.passes.fusion.fuse_add_rms_norm import fuse_add_rms_norm
 from xllm_compiler.passes.fusion.fuse_moe import fuse_moe
 from xllm_compiler.passes.fusion.fuse_rms_norm import fuse_rms_norm
@@ -75,6 +76,8 @@ def bucket_pipeline(
     """Passes run on each bucket's specialised graph, where every size is known (``memory``: the target
     platform's out forms, from its lowering table)."""
     return [
+        # MLA models: decode attends over the latent cache, kv_b_proj folded into the query and output.
+        absorb_mla_weights,
         # Tensor-parallel graphs: two interleaved micro-batches, so one half's all-reduce is in flight
         # while the other half computes; collectives issued early and awaited late; what stays exposed
         # fused with the residual add and norm after it.

@@ -30,7 +30,7 @@ def _kv_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 def sample_steps(gm: fx.GraphModule, seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Inputs of a prefill step and a decode step, and fresh KV caches for them."""
     kv = _kv_placeholders(gm)
-    _, _, block_size, kv_heads, head_dim = kv[0].meta["val"].shape
+    planes, _, block_size, kv_heads, head_dim = kv[0].meta["val"].shape
     block_size = int(block_size)
     longest = max(PROMPT_LENGTHS) + 1
     per_seq = -(-longest // block_size)
@@ -58,7 +58,8 @@ def sample_steps(gm: fx.GraphModule, seed: int = 0) -> tuple[list[dict[str, torc
     prefill = step([0] * len(PROMPT_LENGTHS), list(PROMPT_LENGTHS))
     decode = step(list(PROMPT_LENGTHS), [1] * len(PROMPT_LENGTHS))
     caches = [
-        torch.zeros(2, num_blocks, block_size, int(kv_heads), int(head_dim), dtype=n.meta["val"].dtype) for n in kv
+        torch.zeros(int(planes), num_blocks, block_size, int(kv_heads), int(head_dim), dtype=n.meta["val"].dtype)
+        for n in kv
     ]
     return [prefill, decode], caches
 

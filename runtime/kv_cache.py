@@ -1,6 +1,7 @@
 """The paged KV cache: one tensor of fixed-size blocks for all layers, and the pool that hands them out.
 
-The cache tensor is allocated once, [layers, 2, num_blocks, block_size, kv_heads, head_dim]; every
+The cache tensor is allocated once, [layers, planes, num_blocks, block_size, kv_heads, head_dim] (planes: K
+and V, or MLA's one latent row); every
 graph call sees the same per-layer views, so their addresses never move. Block 0 is reserved for
 padding tokens and never handed out.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xllm_compiler.interface import RESERVED_BLOCKS
+from xllm_compiler.interface import KV_PLANES, RESERVED_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,11 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        planes: int = KV_PLANES,
     ):
         self.block_size = block_size
         self.tensor = torch.empty(
-            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_layers, planes, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self.layers = list(self.tensor.unbind(0))
         self.zero_blocks(0, RESERVED_BLOCKS)
@@ -176,8 +178,15 @@ class KVCache:
         self.tensor[:, :, start:stop].zero_()
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+    def bytes_per_block(
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        planes: int = KV_PLANES,
+    ) -> int:
+        return num_layers * planes * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()

@@ -146,6 +146,7 @@ def load(
         head_dim=model.head_dim,
         dtype=MODEL_DTYPES[model.dtype],
         device=torch_device,
+        planes=manifest.kv_cache.planes,
     )
     pool = BlockPool(memory.kv_blocks, on_first_use=kv_cache.zero_blocks)
     # The prefix cache's keys start from what fixes the K/V a prompt produces on this rank (runtime/prefix_cache.py).

@@ -67,9 +67,16 @@ class LoadMemory:
 
 
 def kv_bytes_per_token(manifest: Manifest) -> int:
-    """K and V of every layer for one token, in the model's dtype."""
+    """What the cache keeps of one token, every layer, in the model's dtype: K and V (MLA: its latent row)."""
     model = manifest.model
-    return model.num_layers * 2 * model.num_kv_heads * model.head_dim * MODEL_DTYPES[model.dtype].itemsize
+    row = manifest.kv_cache.planes * model.num_kv_heads * model.head_dim
+    return model.num_layers * row * MODEL_DTYPES[model.dtype].itemsize
+
+
+def expanded_kv_bytes_per_token(manifest: Manifest) -> int:
+    """For MLA: what expanded K and V of one token would take, every layer (0 for other attention)."""
+    model = manifest.model
+    return model.num_layers * manifest.kv_cache.expanded_width * MODEL_DTYPES[model.dtype].itemsize
 
 
 def kv_block_bytes(manifest: Manifest) -> int:

@@ -14,7 +14,7 @@ import torch
 from xllm_compiler.artifact.schema import Manifest
 from xllm_compiler.errors import RequestError
 from xllm_compiler.runtime.engine import Engine
-from xllm_compiler.runtime.memory_budget import LoadMemory
+from xllm_compiler.runtime.memory_budget import LoadMemory, expanded_kv_bytes_per_token, kv_bytes_per_token
 from xllm_compiler.runtime.requests import Request, RequestOutput, SamplingParams
 from xllm_compiler.runtime.scheduler import StepScheduler
 from xllm_compiler.runtime.speculative import DraftSpeculator, NgramSpeculator, Speculator
@@ -226,6 +226,11 @@ class CompiledModel:
             },
         }
 
+    def _expanded_kv(self) -> dict[str, int]:
+        """MLA only: the bytes per token expanded K and V would take, next to the latent's."""
+        expanded = expanded_kv_bytes_per_token(self.manifest)
+        return {"expanded_kv_bytes_per_token": expanded} if expanded else {}
+
     def memory_stats(self) -> dict[str, Any]:
         pool = self.engine.pool.stats()
         return {
@@ -237,6 +242,8 @@ class CompiledModel:
             "kv_blocks_free": pool.free,
             "kv_blocks_peak": pool.peak_used,
             "kv_block_size": self.engine.block_size,
+            "kv_bytes_per_token": kv_bytes_per_token(self.manifest),
+            **self._expanded_kv(),
             "kv_fragmentation": pool.fragmentation,
             "kv_peak_fragmentation": pool.peak_fragmentation,
             "kv_pool_sized_by": self.memory.sized_by,

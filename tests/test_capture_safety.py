@@ -145,13 +145,13 @@ HOST_SYNCS = {
 @pytest.mark.parametrize("sync", HOST_SYNCS)
 def test_the_audit_catches_a_host_sync_inside_attention(checkpoints, monkeypatch, sync):
     """The audit is not vacuous: a .tolist() (or any of HOST_SYNCS) put back into the composite fails it."""
-    layout = attention._token_layout
+    layout = attention.token_layout
 
     def syncing_layout(query_lens, *args):
         HOST_SYNCS[sync](query_lens)
         return layout(query_lens, *args)
 
-    monkeypatch.setattr(attention, "_token_layout", syncing_layout)
+    monkeypatch.setattr(attention, "token_layout", syncing_layout)
     rel, graph = next(
         iter(artifact_graphs(checkpoints.artifact(checkpoints.checkpoint("LlamaForCausalLM")[0])).items())
     )

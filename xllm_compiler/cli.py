@@ -209,6 +209,11 @@ def summary_rows(report: dict[str, Any], out_dir: Path) -> list[tuple[str, Text]
     rows.append(("artifact", f"{format_bytes(artifact_bytes(out_dir))} on disk"))
     if memory := report.get("load_memory"):
         rows.append(("load memory", _load_memory_text(memory)))
+        if expanded := memory.get("expanded_kv_bytes_per_token"):
+            latent = memory["kv_bytes_per_token"]
+            rows.append(
+                ("kv cache", f"{latent:,} B/token latent (MLA), {expanded:,} expanded: {expanded / latent:.1f}x less")
+            )
     cached = " (from the compile cache)" if report["cache"]["hit"] else ""
     rows.append(("time", f"{report['total_seconds']:.2f} s{cached}"))
     if damaged := report["cache"].get("damaged"):

@@ -65,6 +65,7 @@ from xllm_compiler.errors import CompileError, OptionsError
 from xllm_compiler.experts.placement import Placement, placement_from_stats, placement_report
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import ModelSpec, build_model, load_spec
+from xllm_compiler.models.config import expanded_kv_width, kv_cache_geometry
 from xllm_compiler.models.parallel import keep_local_experts, parallel_ranks
 from xllm_compiler.ops import native
 from xllm_compiler.options import (
@@ -82,7 +83,7 @@ from xllm_compiler.passes.memory.plan_memory import PlanMemoryOptions
 from xllm_compiler.passes.quant.quantize_linear_weights import QuantizeOptions, quantize_linear_weights
 from xllm_compiler.passes.verify import NumericsCheck
 from xllm_compiler.report import CompileReport, StageListener
-from xllm_compiler.runtime.memory_budget import kv_bytes_per_token, plan_load_memory
+from xllm_compiler.runtime.memory_budget import expanded_kv_bytes_per_token, kv_bytes_per_token, plan_load_memory
 from xllm_compiler.runtime.platform import get_platform
 from xllm_compiler.runtime.platform.lowering import Lowering
 from xllm_compiler.tokenizer_check import check_tokenizer
@@ -341,8 +342,8 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
     with report.stage("weights", "Loading weights"):
         models = [keep_local_experts(build_model(plan.model_dir, dtype, plan.max_seq_len, spec, p), p) for p in ranks]
         parameters = sum(p.numel() for p in models[0].parameters())
-    kv_heads = spec.num_kv_heads // options.tp
-    kv_specs = [kv_cache_input(i, dtype, options.block_size, kv_heads, spec.head_dim) for i in range(spec.num_layers)]
+    planes, kv_heads, kv_dim = kv_cache_geometry(spec, options.tp)
+    kv_specs = [kv_cache_input(i, dtype, options.block_size, kv_heads, kv_dim, planes) for i in range(spec.num_layers)]
     with report.stage("capture", "Tracing with torch.export"):
         graphs = [capture(model, STEP_INPUTS, kv_specs) for model in models]
         del models
@@ -355,12 +356,14 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             records.append(PassManager(plan.passes, check=check, dump_dir=dump if rank == 0 else None).run(gm))
     bucket_graphs: list[dict[Bucket, fx.GraphModule]] = [{} for _ in graphs]
     seconds: dict[Bucket, float] = {}
+    matches: dict[Bucket, dict[str, int]] = {}  # the bucket passes' matches (the same on every rank)
     with report.stage("buckets", "Specialising and planning buckets"):
         for bucket in plan.buckets:
             start = time.perf_counter()
             for rank, gm in enumerate(graphs):
                 bucket_graphs[rank][bucket] = specialize(gm, bucket)
-                PassManager(plan.bucket_passes).run(bucket_graphs[rank][bucket])
+                records_of_bucket = PassManager(plan.bucket_passes).run(bucket_graphs[rank][bucket])
+                matches[bucket] = {r.name: r.matches for r in records_of_bucket if r.matches}
             seconds[bucket] = time.perf_counter() - start
     gm, buckets0 = graphs[0], bucket_graphs[0]
     report.sections.update(
@@ -378,7 +381,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records[0]],
-            "buckets": _bucket_report(plan, buckets0, seconds),
+            "buckets": _bucket_report(plan, buckets0, seconds, matches),
             "memory": {b.name: g.meta["memory_plan"].summary() for b, g in buckets0.items() if "memory_plan" in g.meta},
             "comm": {b.name: comm_report(g) for b, g in buckets0.items()} if len(ranks) > 1 else {},
             **({"experts": placement_report(*plan.experts)} if plan.experts else {}),
@@ -436,6 +439,7 @@ def load_memory_report(manifest: Manifest, report: CompileReport) -> dict[str, A
     section: dict[str, Any] = {
         "kv_bytes_per_token": kv_bytes_per_token(manifest),
         "kv_bytes_per_sequence": kv_bytes_per_token(manifest) * manifest.model.max_seq_len,
+        **({"expanded_kv_bytes_per_token": expanded} if (expanded := expanded_kv_bytes_per_token(manifest)) else {}),
     }
     platform = get_platform(manifest.target_device)
     try:
@@ -458,8 +462,14 @@ def _restore(cache: CompileCache, entry: Path, root: Path, plan: CompilePlan, re
     return dataclasses.replace(manifest, source=Source(str(plan.model_dir.absolute()), manifest.source.sha256))
 
 
-def _bucket_report(plan: CompilePlan, graphs: dict[Bucket, fx.GraphModule], seconds: dict[Bucket, float]) -> dict:
-    """Per phase: each bucket's size, specialisation time and nodes, and padding against the trace."""
+def _bucket_report(
+    plan: CompilePlan,
+    graphs: dict[Bucket, fx.GraphModule],
+    seconds: dict[Bucket, float],
+    matches: dict[Bucket, dict[str, int]],
+) -> dict:
+    """Per phase: each bucket's size, specialisation time, nodes and bucket-pass matches, and padding
+    against the trace."""
     report: dict[str, Any] = {}
     defaults = {DECODE: DEFAULT_DECODE_BUCKETS, PREFILL: DEFAULT_PREFILL_BUCKETS}
     for phase in (DECODE, PREFILL, VERIFY):
@@ -469,6 +479,7 @@ def _bucket_report(plan: CompilePlan, graphs: dict[Bucket, fx.GraphModule], seco
         entries = []
         for bucket in sorted((b for b in plan.buckets if b.phase == phase), key=lambda b: b.num_tokens):
             entry = {**bucket.to_json(), "seconds": round(seconds[bucket], 5), "nodes": count_nodes(graphs[bucket])}
+            entry["pass_matches"] = matches[bucket]
             if plan.trace is not None and phase in plan.trace.sizes:
                 entry["padding_fraction"] = _bucket_padding(plan.trace.sizes[phase], sizes, bucket.num_tokens)
             entries.append(entry)
@@ -497,6 +508,7 @@ def _manifest(
     plan: CompilePlan, options: CompileOptions, graph_files: dict[str, str], weight_files: list[str], records: list
 ) -> Manifest:
     spec = plan.spec
+    planes_heads_dim = kv_cache_geometry(spec, options.tp)
     return Manifest(
         created_by=CreatedBy(xllm_compiler=__version__, torch=torch.__version__),
         source=Source(path=str(plan.model_dir.absolute()), sha256=plan.source_sha256),
@@ -514,8 +526,8 @@ def _manifest(
             architecture=spec.architecture,
             vocab_size=spec.vocab_size,
             num_layers=spec.num_layers,
-            num_kv_heads=spec.num_kv_heads // options.tp,
-            head_dim=spec.head_dim,
+            num_kv_heads=planes_heads_dim[1],
+            head_dim=planes_heads_dim[2],
             dtype=plan.dtype_name,
             max_seq_len=plan.max_seq_len,
             max_position_embeddings=spec.max_position_embeddings,
@@ -524,7 +536,12 @@ def _manifest(
         ),
         target_device=plan.device,
         lowering=LoweringRecord(plan.lowering.platform, plan.lowering.version),
-        kv_cache=KVCacheLayout(block_size=options.block_size, reserved_blocks=RESERVED_BLOCKS),
+        kv_cache=KVCacheLayout(
+            block_size=options.block_size,
+            reserved_blocks=RESERVED_BLOCKS,
+            planes=planes_heads_dim[0],
+            expanded_width=expanded_kv_width(spec, options.tp) if spec.mla is not None else 0,
+        ),
         tensor_parallel=TensorParallelLayout(size=len(weight_files), weights=weight_files, expert_parallel=options.ep),
         inputs=calling_convention(),
         passes=[PassEntry(r.name, r.version) for r in records],

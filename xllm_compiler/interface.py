@@ -47,6 +47,15 @@ STEP_INPUTS: tuple[InputSpec, ...] = (
 )
 
 
-def kv_cache_input(layer: int, dtype: torch.dtype, block_size: int, num_kv_heads: int, head_dim: int) -> InputSpec:
-    """Layer ``layer``'s cache: keys and values in blocks, [2, num_blocks, block_size, Hkv, D]."""
-    return InputSpec(f"kv_cache_{layer}", dtype, (2, NUM_BLOCKS, block_size, num_kv_heads, head_dim))
+#: Planes of a layer's cache: keys and values (2), or one latent row per token that serves as both (1,
+#: multi-head latent attention, ops/mla.py).
+KV_PLANES = 2
+LATENT_PLANES = 1
+
+
+def kv_cache_input(
+    layer: int, dtype: torch.dtype, block_size: int, num_kv_heads: int, head_dim: int, planes: int = KV_PLANES
+) -> InputSpec:
+    """Layer ``layer``'s cache in blocks, [planes, num_blocks, block_size, Hkv, D]: keys and values (planes 2),
+    or MLA's compressed latent (planes 1, Hkv 1, D = kv_lora_rank + qk_rope_head_dim)."""
+    return InputSpec(f"kv_cache_{layer}", dtype, (planes, NUM_BLOCKS, block_size, num_kv_heads, head_dim))

@@ -11,6 +11,10 @@ will really see), then your pass, and asserts: the match count, the op counts yo
 after), a valid graph, and numerics: two real steps (prefill, then decode through the KV cache)
 before and after agree within the dtype's tolerance, in float32 and bfloat16.
 
+A pass of the bucket pipeline (it runs on one bucket's specialised graph) is checked on the bucket you
+name: ``check_pass(absorb_mla_weights, config, 2, bucket=Bucket("decode", 2, 2))`` runs the prefill step
+on the whole graph, then the decode step on the bucket's graph before and after the pass.
+
 On a hand-built graph (a pattern no bundled model contains, a corner case a model never shows)::
 
     x = torch.randn(5, 8)
@@ -35,11 +39,14 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from xllm_compiler.buckets.policy import Bucket
+from xllm_compiler.buckets.specialize import specialize
 from xllm_compiler.capture import capture
 from xllm_compiler.interface import STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import spec_from_config
+from xllm_compiler.models.config import kv_cache_geometry
 from xllm_compiler.models.decoder import DecoderForCausalLM
-from xllm_compiler.passes import GraphPass, default_pipeline
+from xllm_compiler.passes import GraphPass, bucket_pipeline, default_pipeline
 from xllm_compiler.passes.pattern_pass import CANONICAL_CLEANUP
 from xllm_compiler.passes.verify import TOLERANCE, relative_error, run_steps, sample_steps
 
@@ -71,7 +78,8 @@ def build_graph(config: dict[str, Any], dtype: torch.dtype = torch.float32, seed
             if name.endswith("norm.weight") or name.endswith("bias"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
     model = model.to(dtype).eval()
-    kv = [kv_cache_input(i, dtype, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim) for i in range(spec.num_layers)]
+    planes, heads, width = kv_cache_geometry(spec)
+    kv = [kv_cache_input(i, dtype, BLOCK_SIZE, heads, width, planes) for i in range(spec.num_layers)]
     return capture(model, STEP_INPUTS, kv)
 
 
@@ -81,8 +89,11 @@ def op_counts(gm: fx.GraphModule) -> Counter:
 
 
 def passes_before(graph_pass: GraphPass) -> list[GraphPass]:
-    """The pipeline passes that run before ``graph_pass`` (its cleanup only, if it is not in the pipeline)."""
+    """The pipeline passes that run before ``graph_pass``: for a bucket pass, the whole graph pipeline and
+    the bucket passes before it; its cleanup only, if it is in neither pipeline."""
     pipeline = default_pipeline()
+    if graph_pass.name in [p.name for p in bucket_pipeline()]:
+        pipeline += bucket_pipeline()
     names = [p.name for p in pipeline]
     if graph_pass.name in names:
         return pipeline[: names.index(graph_pass.name)]
@@ -112,10 +123,13 @@ def check_pass(
     ops_after: dict[Any, int] | None = None,
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
     prepare: list[GraphPass] | None = None,
+    bucket: Bucket | None = None,
 ) -> list[PassCheck]:
     """Run ``graph_pass`` on a real model graph and assert matches, op counts and numerics, per dtype.
 
-    ``prepare`` replaces the passes run first (default: the pipeline's passes before this one).
+    ``prepare`` replaces the passes run first (default: the pipeline's passes before this one). ``bucket``:
+    check a bucket pass on that bucket's graph (a decode bucket of as many sequences as the sample steps'),
+    the caches filled by the prefill step on the whole graph.
     """
     config = architecture_or_config
     if isinstance(config, str):
@@ -123,10 +137,19 @@ def check_pass(
     checks = []
     for dtype in dtypes:
         gm = build_graph(config, dtype)
+        bucket_passes = {p.name for p in bucket_pipeline()}
         for earlier in passes_before(graph_pass) if prepare is None else prepare:
-            earlier(gm)
+            if earlier.name not in bucket_passes or bucket is None:
+                earlier(gm)
         gm.recompile()
         steps, caches = sample_steps(gm)
+        if bucket is not None:
+            caches = _prefilled(gm, steps[0], caches)
+            gm, steps = specialize(gm, bucket), steps[1:]
+            for earlier in passes_before(graph_pass) if prepare is None else prepare:
+                if earlier.name in bucket_passes:
+                    earlier(gm)
+            gm.recompile()
         reference = run_steps(gm, steps, caches)
         before = op_counts(gm)
         result = graph_pass(gm)
@@ -151,6 +174,14 @@ def check_pass(
         )
         checks.append(PassCheck(dtype, result.matches, before, after, error, gm))
     return checks
+
+
+def _prefilled(gm: fx.GraphModule, step: dict[str, torch.Tensor], caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``caches`` after running ``step`` on ``gm``."""
+    caches = [c.clone() for c in caches]
+    with torch.inference_mode():
+        gm(*(step[s.name] for s in STEP_INPUTS), *caches)
+    return caches
 
 
 # -- hand-built graphs ---------------------------------------------------------------------------

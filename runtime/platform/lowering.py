@@ -130,6 +130,8 @@ _WEIGHT_QUANT_MATMUL = (
 )
 _MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_moe_experts_out")
 _FUSED_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_fused_moe_out")
+_MLA_COMPOSITE = Kernel("composite", "xllm_compiler.ops.mla.capture_safe_mla_attention")
+_LATENT_COMPOSITE = Kernel("composite", "xllm_compiler.ops.mla.capture_safe_latent_attention")
 
 #: torch_npu 2.13.0. The four ``*_out`` forms of the elementwise ops have no NPU kernel (none of
 #: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload), nor has linear_w8's
@@ -137,7 +139,7 @@ _FUSED_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_f
 #: _npu_paged_attention writes into ``out``.
 NPU_LOWERING = Lowering(
     platform="npu",
-    version=3,
+    version=4,
     kernels={
         "xllm::rms_norm": (
             Kernel(
@@ -171,6 +173,10 @@ NPU_LOWERING = Lowering(
         "xllm::fused_moe": (_FUSED_MOE_COMPOSITE,),
         "xllm::fused_moe_out": (_FUSED_MOE_COMPOSITE,),
         "xllm::linear_w8": (Kernel("torch_npu.npu_weight_quant_batchmatmul", _WEIGHT_QUANT_MATMUL),),
+        # MLA: the capture-safe composites (npu_fused_infer_attention_score's query_rope/key_rope inputs over a
+        # latent cache are the candidate kernel; not wired without a device to check them on).
+        "xllm::mla_attention": (_MLA_COMPOSITE,),
+        "xllm::latent_attention": (_LATENT_COMPOSITE,),
     },
     block_size_multiple=128,
     max_block_size=512,

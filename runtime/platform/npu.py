@@ -36,7 +36,7 @@ from torch import fx
 
 from xllm_compiler.buckets.policy import ONE_ROW_PER_SEQUENCE
 from xllm_compiler.errors import DeviceError
-from xllm_compiler.ops import attention, moe, quant
+from xllm_compiler.ops import attention, mla, moe, quant
 from xllm_compiler.runtime.platform.base import Platform
 from xllm_compiler.runtime.platform.lowering import DECODE, NPU_LOWERING, PREFILL, Lowering
 from xllm_compiler.runtime.replay import GraphRunner, RunnerFactory, TorchairRunner
@@ -307,6 +307,7 @@ KERNELS: dict[str, Callable] = {
     "xllm::write_kv_cache": _write_kv_cache,
     "xllm::all_reduce_add_rms_norm": _all_reduce_add_rms_norm,
     **moe.CAPTURE_SAFE_KERNELS,  # the table's composites: no NPU kernel yet
+    **mla.CAPTURE_SAFE_KERNELS,
     "xllm::linear_w8": _linear_w8,
 }
 #: Attention's kernels by phase (``lower`` puts them in the graphs).

@@ -102,6 +102,7 @@ ATEN_OPS = frozenset(
         "rsqrt",
         "scalar_tensor",
         "scaled_dot_product_attention",
+        "scatter",
         "select",
         "sigmoid",
         "silu",

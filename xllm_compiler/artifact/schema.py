@@ -87,6 +87,13 @@ class KVCacheLayout:
 
     block_size: int
     reserved_blocks: int
+    planes: int = 2
+    """Per layer: 2, keys and values of ``model.num_kv_heads`` heads of ``model.head_dim``; 1, multi-head
+    latent attention's one row per token (num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim) that
+    serves as key and value at once (ops/mla.py)."""
+    expanded_width: int = 0
+    """With planes 1: the values per token and layer that expanded keys and values would take on one rank
+    (reported next to the latent's, for what MLA saves); 0 otherwise."""
 
 
 @dataclass(frozen=True)

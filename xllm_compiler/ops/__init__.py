@@ -5,7 +5,7 @@ Importing this package registers the ops; every other part of the project may im
 directly instead of going through the dispatcher (one Python call instead of a round trip).
 """
 
-from xllm_compiler.ops import activation, attention, collectives, moe, norm, quant, reference, rotary
+from xllm_compiler.ops import activation, attention, collectives, mla, moe, norm, quant, reference, rotary
 
 KERNELS = {
     "xllm::rms_norm": norm.rms_norm_kernel,
@@ -26,6 +26,8 @@ KERNELS = {
     "xllm::fused_moe_out": moe.fused_moe_out_kernel,
     "xllm::linear_w8": quant.linear_w8_kernel,
     "xllm::linear_w8_out": quant.linear_w8_out_kernel,
+    "xllm::mla_attention": mla.mla_attention_kernel,
+    "xllm::latent_attention": mla.latent_attention_kernel,
 }
 
 #: The ``*_out`` form of each op, with the names of its output arguments in return order: the memory
@@ -42,7 +44,7 @@ OUT_FORMS = {
 }
 #: The capture-safe kernel of each op whose KERNELS entry takes a host-side path on the CPU: what CUDA
 #: and NPU graphs run where no fused kernel takes the op, and what the capture-safety audit checks.
-CAPTURE_SAFE_KERNELS = {**attention.CAPTURE_SAFE_KERNELS, **moe.CAPTURE_SAFE_KERNELS}
+CAPTURE_SAFE_KERNELS = {**attention.CAPTURE_SAFE_KERNELS, **mla.CAPTURE_SAFE_KERNELS, **moe.CAPTURE_SAFE_KERNELS}
 
 __all__ = [
     "CAPTURE_SAFE_KERNELS",
@@ -51,6 +53,7 @@ __all__ = [
     "activation",
     "attention",
     "collectives",
+    "mla",
     "moe",
     "norm",
     "quant",

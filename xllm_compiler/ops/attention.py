@@ -29,10 +29,15 @@ __all__ = [
     "CAPTURE_SAFE_KERNELS",
     "capture_safe_paged_attention",
     "capture_safe_paged_attention_out",
+    "gather_context",
+    "host_pieces",
     "paged_attention",
     "paged_attention_kernel",
     "paged_attention_out",
     "paged_attention_out_kernel",
+    "sequence_mask",
+    "token_layout",
+    "visible_keys",
     "write_kv_cache",
     "write_kv_cache_kernel",
 ]
@@ -55,7 +60,7 @@ def _(key, value, kv_cache, slot_mapping) -> None:
     return None
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` cached positions of one sequence, as [Hkv, length, D]."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
@@ -63,7 +68,7 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     return blocks.flatten(0, 1)[:length].transpose(0, 1)
 
 
-def _sequence_mask(query_len: int, seq_len: int, sliding_window: int, device: torch.device) -> torch.Tensor:
+def sequence_mask(query_len: int, seq_len: int, sliding_window: int, device: torch.device) -> torch.Tensor:
     """Causal (and optionally sliding-window) mask [query_len, seq_len] for the last query_len positions."""
     query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
     key_pos = torch.arange(seq_len, device=device)[None, :]
@@ -82,8 +87,8 @@ def _attend_one_sequence(
     sliding_window: int,
 ) -> torch.Tensor:
     query_len = query.shape[0]
-    keys = _gather_context(kv_cache[0], block_table, seq_len)[None]
-    values = _gather_context(kv_cache[1], block_table, seq_len)[None]
+    keys = gather_context(kv_cache[0], block_table, seq_len)[None]
+    values = gather_context(kv_cache[1], block_table, seq_len)[None]
     q = query.transpose(0, 1)[None]
     windowed = 0 < sliding_window < seq_len
     if query_len == 1 and not windowed:
@@ -91,7 +96,7 @@ def _attend_one_sequence(
     elif query_len == seq_len and not windowed:
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = _sequence_mask(query_len, seq_len, sliding_window, query.device)
+        mask = sequence_mask(query_len, seq_len, sliding_window, query.device)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
@@ -133,7 +138,7 @@ def _store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_
         torch.ops.xllm.write_kv_cache.default(key, value, kv_cache, slot_mapping)
 
 
-def _token_layout(
+def token_layout(
     query_lens: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, token_offset: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For rows [token_offset, token_offset + num_tokens) of the step: each token's sequence, its position
@@ -153,7 +158,7 @@ def _token_layout(
     return owner, torch.where(real, position, 0), real
 
 
-def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
+def visible_keys(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
     """Which keys each query sees: causal, and within the sliding window when there is one."""
     mask = key_pos <= query_pos
     if sliding_window > 0:
@@ -203,18 +208,18 @@ def capture_safe_paged_attention_out(
     _store(key, value, kv_cache, slot_mapping)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = block_tables.shape[0]
-    owner, position, real = _token_layout(query_lens, seq_lens, num_tokens, token_offset)
+    owner, position, real = token_layout(query_lens, seq_lens, num_tokens, token_offset)
     per_token = _one_context_per_token(num_tokens, num_seqs, num_heads, kv_cache.shape[3] * head_dim)
     keys, values = _contexts(kv_cache, block_tables.index_select(0, owner) if per_token else block_tables)
     key_pos = torch.arange(keys.shape[1], device=query.device)
     if per_token:
         q = query[:, :, None, :]  # [T, H, 1, D]
-        mask = _visible(key_pos[None, :], position[:, None], sliding_window)[:, None, None, :]  # [T, 1, 1, L]
+        mask = visible_keys(key_pos[None, :], position[:, None], sliding_window)[:, None, None, :]  # [T, 1, 1, L]
     else:
         q = query.transpose(0, 1)[None]  # [1, H, T, D]
         keys, values = keys.flatten(0, 1)[None], values.flatten(0, 1)[None]  # [1, S * L, Hkv, D]
         key_seq = torch.arange(num_seqs, device=query.device).repeat_interleave(key_pos.shape[0])
-        mask = _visible(key_pos.repeat(num_seqs)[None, :], position[:, None], sliding_window)
+        mask = visible_keys(key_pos.repeat(num_seqs)[None, :], position[:, None], sliding_window)
         mask = (mask & (key_seq[None, :] == owner[:, None]))[None, None]  # [1, 1, T, S * L]
     attended = F.scaled_dot_product_attention(
         q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
@@ -263,6 +268,25 @@ def paged_attention_out_kernel(
     )
 
 
+def host_pieces(
+    query_lens: torch.Tensor, seq_lens: torch.Tensor, token_offset: int, num_rows: int
+) -> tuple[list[tuple[int, int, int, int]], int]:
+    """The sequences' parts among rows [token_offset, token_offset + num_rows) of the step, read on the host:
+    (sequence, first row, end row, context length its last row sees) each, and the count of real rows
+    (the rest are padding)."""
+    lens = query_lens.tolist()
+    contexts = seq_lens.tolist()
+    low, high = token_offset, token_offset + num_rows
+    pieces = []
+    start = 0
+    for s, n in enumerate(lens):
+        first, last = max(start, low), min(start + n, high)
+        if first < last:
+            pieces.append((s, first - low, last - low, contexts[s] - n + (last - start)))
+        start += n
+    return pieces, max(min(start, high) - low, 0)
+
+
 def _host_paged_attention_out(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -286,17 +310,8 @@ def _host_paged_attention_out(
     ):
         return  # a decode step, whole in one native call: the cache read in place, no gathered copy
     _store(key, value, kv_cache, slot_mapping)
-    lens = query_lens.tolist()
-    contexts = seq_lens.tolist()
-    low, high = token_offset, token_offset + query.shape[0]
-    pieces = []  # (sequence, first row, end row, context length seen by its last query)
-    start = 0
-    for s, n in enumerate(lens):
-        first, last = max(start, low), min(start + n, high)
-        if first < last:
-            pieces.append((s, first - low, last - low, contexts[s] - n + (last - start)))
-        start += n
-    out[max(min(start, high) - low, 0) :].zero_()  # padding tokens
+    pieces, real_rows = host_pieces(query_lens, seq_lens, token_offset, query.shape[0])
+    out[real_rows:].zero_()  # padding tokens
     if pieces and all(row1 - row0 == 1 and row0 == i for i, (_, row0, row1, _) in enumerate(pieces)):
         # Decode: rows 0..n-1 are one token each of n sequences.
         rows = len(pieces)

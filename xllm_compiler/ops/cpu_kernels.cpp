@@ -129,14 +129,14 @@ void silu_and_mul_out(torch::Tensor gate_up, torch::Tensor out) {
 
 template <typename T>
 void rotate_rows(const T* x, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads, int64_t dim,
-                 int64_t token_stride) {
+                 int64_t token_stride, int64_t head_stride) {
   int64_t half = dim / 2;
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos + t * dim;
       const T* s = sin + t * dim;
       for (int64_t h = 0; h < heads; ++h) {
-        const T* src = x + t * token_stride + h * dim;
+        const T* src = x + t * token_stride + h * head_stride;
         T* dst = out + (t * heads + h) * dim;
         for (int64_t d = 0; d < dim; ++d) {
           float rotated = d < half ? -static_cast<float>(src[d + half]) : static_cast<float>(src[d - half]);
@@ -151,10 +151,10 @@ void rotate_rows(const T* x, const T* cos, const T* sin, T* out, int64_t tokens,
 
 void rotary_embedding_out(torch::Tensor query, torch::Tensor key, torch::Tensor cos, torch::Tensor sin,
                           torch::Tensor query_out, torch::Tensor key_out) {
-  // query [T, H, D] and key [T, Hkv, D] may be views into the merged QKV output: rows are strided,
-  // heads and dims dense.
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query heads must be dense");
-  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2), "key heads must be dense");
+  // query [T, H, D] and key [T, Hkv, D] may be views into the merged QKV output (rows strided) or, in MLA,
+  // the rotary part of each head (heads strided too): dims must be dense.
+  TORCH_CHECK(query.stride(2) == 1, "query dims must be dense");
+  TORCH_CHECK(key.stride(2) == 1, "key dims must be dense");
   cos = cos.contiguous();
   sin = sin.contiguous();
   TORCH_CHECK(cos.numel() == query.size(0) * query.size(2) && sin.numel() == cos.numel(), "cos/sin must be [T, 1, D]");
@@ -162,9 +162,11 @@ void rotary_embedding_out(torch::Tensor query, torch::Tensor key, torch::Tensor 
   check_rows(key_out, "key_out");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding_out", [&] {
     rotate_rows<scalar_t>(query.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
-                          query_out.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0));
+                          query_out.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0),
+                          query.stride(1));
     rotate_rows<scalar_t>(key.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
-                          key_out.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0));
+                          key_out.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0),
+                          key.stride(1));
   });
 }
 
@@ -246,7 +248,8 @@ bool paged_decode_out(torch::Tensor query, torch::Tensor key, torch::Tensor valu
   }
   if (seq_of_row.empty()) return false;
 
-  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+  // Planes may alias (stride 0: MLA's latent serves as key and value, ops/mla.py); each must be contiguous.
+  TORCH_CHECK(kv_cache.select(0, 0).is_contiguous() && kv_cache.select(0, 1).is_contiguous(), "kv_cache planes must be contiguous");
   check_dense_heads(query, "query");
   check_dense_heads(key, "key");
   check_dense_heads(value, "value");

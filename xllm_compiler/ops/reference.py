@@ -44,3 +44,48 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalise: bool) -> tu
     if renormalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def route_grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalise: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing over float32 ``router_logits`` [T, E]: sigmoid scores; the bias steers the
+    choice only; each of ``num_groups`` groups is scored by its two best biased scores and the best
+    ``topk_groups`` kept; the top ``top_k`` experts of those are chosen, weighted by their unbiased scores
+    (renormalised when asked) times ``scaling``. Returns weights [T, k] float32 and ids [T, k] int64."""
+    scores = router_logits.sigmoid()
+    biased = scores + correction_bias
+    per_group = biased.shape[-1] // num_groups
+    group_scores = biased.view(-1, num_groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+    kept = torch.zeros_like(group_scores).scatter(1, groups, 1.0)
+    kept = kept.unsqueeze(-1).expand(-1, num_groups, per_group).reshape(-1, num_groups * per_group)
+    ids = torch.topk(biased.masked_fill(kept == 0, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if renormalise:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def route_group_limited_softmax(
+    router_logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's routing over float32 ``router_logits`` [T, E]: softmax; with groups ("group_limited_greedy")
+    only the ``topk_groups`` groups with the best single score compete; the top ``top_k`` probabilities, not
+    renormalised, times ``scaling``. One group is plain greedy top-k. Returns weights [T, k] float32 and ids."""
+    scores = router_logits.softmax(dim=-1, dtype=torch.float32)
+    if num_groups > 1:
+        per_group = scores.shape[-1] // num_groups
+        group_scores = scores.view(-1, num_groups, per_group).max(dim=-1).values
+        groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+        kept = torch.zeros_like(group_scores).scatter(1, groups, 1.0)
+        kept = kept.unsqueeze(-1).expand(-1, num_groups, per_group).reshape(-1, num_groups * per_group)
+        scores = scores.masked_fill(kept == 0, 0.0)
+    weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    return weights * scaling, ids
