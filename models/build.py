@@ -8,6 +8,7 @@ import torch
 
 from xllm_compiler.models.config import ModelSpec
 from xllm_compiler.models.decoder import DecoderForCausalLM
+from xllm_compiler.models.fp8 import quantization_of
 from xllm_compiler.models.parallel import TensorParallel
 from xllm_compiler.models.registry import load_spec
 from xllm_compiler.models.weights import Checkpoint, load_experts
@@ -56,7 +57,7 @@ def build_model(
     tp = tp or TensorParallel()
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, dtype, tp)
-    with Checkpoint(model_dir) as checkpoint:
+    with Checkpoint(model_dir, quantization_of(model_dir)) as checkpoint:
         for name, param in list(model.named_parameters()):
             dim = tp.shard_dim(name)
             router = spec.moe is not None and spec.moe.router_in_float32 and name.endswith(FLOAT32_ROUTER_TENSORS)

@@ -2,7 +2,8 @@
 
 Every failure names the file and tensor at fault, and for a wrong shape both the expected and the
 found shape: a checkpoint that does not fit its config.json must never load half-way. MoE experts load
-from either of their two layouts into one stacked tensor each (``load_experts``).
+from either of their two layouts into one stacked tensor each (``load_experts``). FP8 block-quantized
+tensors (models/fp8.py) load dequantized, so no caller sees their scales.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from xllm_compiler.errors import CheckpointError
+from xllm_compiler.models import fp8
 from xllm_compiler.models.config import MoESpec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,10 +55,13 @@ def _open(path: Path, stack: ExitStack):
 
 
 class Checkpoint:
-    """Read access to a checkpoint's tensors by name, each file opened (mmap) once."""
+    """Read access to a checkpoint's tensors by name, each file opened (mmap) once. ``quantization`` is
+    what config.json declares (``fp8.checkpoint_quantization``): with fp8 blocks, float8 tensors load
+    dequantized and their ``_scale_inv`` companions are hidden from ``names()`` and ``in``."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, quantization: fp8.Fp8Blocks | None = None):
         self.model_dir = Path(model_dir)
+        self.quantization = quantization
         self._shards = _shard_of_each_tensor(self.model_dir)
         self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
@@ -68,39 +73,89 @@ class Checkpoint:
         self._stack.close()
 
     def names(self) -> Iterator[str]:
-        return iter(self._shards)
+        """The model's tensor names: every stored tensor but the scales of quantized ones."""
+        return (name for name in self._shards if not self._is_scale(name))
 
     def files(self) -> list[Path]:
         return sorted(set(self._shards.values()))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._shards
+        return name in self._shards and not self._is_scale(name)
+
+    def _is_scale(self, name: str) -> bool:
+        suffix = fp8.SCALE_SUFFIX
+        return name.endswith(suffix) and name.removesuffix(suffix) in self._shards
+
+    def _handle(self, name: str):
+        """(file, open safetensors handle) of a stored tensor."""
+        path = self._shards[name]
+        return path, self._handles.get(path) or self._handles.setdefault(path, _open(path, self._stack))
 
     def load(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, shard: tuple[int, int, int] | None = None
     ) -> torch.Tensor:
         """Tensor ``name`` checked against ``shape`` (the whole tensor's) and cast to ``dtype``; with
-        ``shard`` = (dim, start, end) only that slice is read from the file."""
+        ``shard`` = (dim, start, end) only that slice is read from the file. An fp8 tensor is dequantized
+        in float32 first; its shard reads only its own blocks when the slice is block-aligned, else the
+        whole tensor (see ``fp8.read_dequantized``)."""
         if name not in self._shards:
             files = ", ".join(p.name for p in self.files())
             raise CheckpointError(f"tensor '{name}' is missing from the checkpoint (searched {files})")
-        path = self._shards[name]
-        handle = self._handles.get(path) or self._handles.setdefault(path, _open(path, self._stack))
+        path, handle = self._handle(name)
         try:
-            found = tuple(handle.get_slice(name).get_shape())
+            view = handle.get_slice(name)
+            found = tuple(view.get_shape())
             if found != tuple(shape):
                 raise CheckpointError(f"{path.name}: tensor '{name}' has shape {list(found)}, expected {list(shape)}")
+            if view.get_dtype().startswith("F8_"):
+                return self._dequantized(name, path, view, found, shard).to(dtype)
+            if fp8.scale_name(name) in self._shards:
+                raise CheckpointError(
+                    f"{path.name}: tensor '{name}' has a scale '{fp8.scale_name(name)}' but is stored as "
+                    f"{view.get_dtype()}, not float8_e4m3fn"
+                )
             if shard is None:
                 tensor = handle.get_tensor(name)
             else:
                 dim, start, end = shard
                 index = (slice(None),) * dim + (slice(start, end),)
-                tensor = handle.get_slice(name)[index]
+                tensor = view[index]
         except SafetensorError as exc:
             raise CheckpointError(f"{path.name}: tensor '{name}' cannot be read ({exc})") from None
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, expected floats")
         return tensor.to(dtype)
+
+    def _dequantized(self, name: str, path: Path, view, shape: tuple[int, ...], shard) -> torch.Tensor:
+        """The float32 values of fp8 tensor ``name``, after checking its format and its scales."""
+        if view.get_dtype() != fp8.E4M3:
+            raise CheckpointError(
+                f"{path.name}: tensor '{name}' has dtype {view.get_dtype()}; only float8_e4m3fn fp8 is supported"
+            )
+        if len(shape) < 2:
+            raise CheckpointError(f"{path.name}: tensor '{name}' is float8_e4m3fn but not a matrix: {list(shape)}")
+        if self.quantization is None:
+            raise CheckpointError(
+                f"{path.name}: tensor '{name}' is float8_e4m3fn but config.json has no quantization_config "
+                "with quant_method 'fp8'"
+            )
+        scale = fp8.scale_name(name)
+        if scale not in self._shards:
+            raise CheckpointError(f"{path.name}: tensor '{name}' is float8_e4m3fn but its scale '{scale}' is missing")
+        scale_path, handle = self._handle(scale)
+        scale_view = handle.get_slice(scale)
+        block = self.quantization.block
+        expected, found = fp8.scale_shape(shape, block), tuple(scale_view.get_shape())
+        if found != expected:
+            raise CheckpointError(
+                f"{scale_path.name}: tensor '{scale}' has shape {list(found)}, expected {list(expected)} "
+                f"(one scale per {block[0]}x{block[1]} block of '{name}' {list(shape)})"
+            )
+        if scale_view.get_dtype() not in ("F32", "BF16", "F16"):
+            raise CheckpointError(
+                f"{scale_path.name}: tensor '{scale}' has dtype {scale_view.get_dtype()}, expected floats"
+            )
+        return fp8.read_dequantized(view, scale_view, shape, block, shard)
 
 
 def load_experts(
