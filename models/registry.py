@@ -28,6 +28,7 @@ from xllm_compiler.models.config import (
     sliding_windows,
     token_ids,
 )
+from xllm_compiler.models.fp8 import checkpoint_quantization
 from xllm_compiler.models.rope import softmax_scale
 
 
@@ -217,6 +218,7 @@ def spec_from_config(config: dict[str, Any], eos_override: tuple[int, ...] | Non
     """A ModelSpec from a config.json dict (``eos_override``: generation_config.json's eos ids)."""
     architecture = architecture_of(config)
     family = ARCHITECTURES[architecture]
+    checkpoint_quantization(config)  # an unsupported quantization_config is refused before any weight is read
     act = config.get("hidden_act", config.get("hidden_activation", "silu"))
     if act != "silu":
         raise ConfigError(f"hidden_act '{act}' is not supported (only 'silu')")
