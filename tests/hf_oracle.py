@@ -48,6 +48,29 @@ MOE_ARCHITECTURE_CONFIGS = {
     ),
     "MixtralForCausalLM": dict(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
 }
+#: DeepSeek-V3 (latent attention, grouped sigmoid routing), kept apart from MOE_ARCHITECTURE_CONFIGS, whose
+#: tests assume softmax routing: 8 experts in 4 groups of which 2 are kept, a dense first layer, a shared expert.
+DEEPSEEK_CONFIGS = {
+    "DeepseekV3ForCausalLM": dict(
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        routed_scaling_factor=2.5,
+    ),
+}
 
 
 def hf_classes(architecture: str):
@@ -61,7 +84,7 @@ def hf_classes(architecture: str):
 def make_hf_model(architecture: str, seed: int = 0, **overrides):
     """A random transformers model of ``architecture`` (float32), deterministic for ``seed``."""
     config_cls, model_cls = hf_classes(architecture)
-    family = {**ARCHITECTURE_CONFIGS, **MOE_ARCHITECTURE_CONFIGS}.get(architecture, {})
+    family = {**ARCHITECTURE_CONFIGS, **MOE_ARCHITECTURE_CONFIGS, **DEEPSEEK_CONFIGS}.get(architecture, {})
     config = config_cls(**{**TINY, **family, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -74,6 +97,9 @@ def make_hf_model(architecture: str, seed: int = 0, **overrides):
                 param.copy_(0.1 * torch.randn_like(param))
             elif name.endswith(("mlp.gate.weight", "experts.gate_up_proj", "experts.down_proj")):
                 param.normal_(0.0, 0.2)  # HF leaves routers at zero and experts unset: random, well-spread routing
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias: a buffer, zero in HF's init
+                buffer.normal_(0.0, 0.1)
     return model
 
 

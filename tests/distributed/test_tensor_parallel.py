@@ -29,6 +29,7 @@ from safetensors import safe_open
 import xllm_compiler
 from tests.hf_oracle import (
     ARCHITECTURE_CONFIGS,
+    DEEPSEEK_CONFIGS,
     MOE_ARCHITECTURE_CONFIGS,
     TINY,
     hf_greedy,
@@ -48,6 +49,10 @@ WORKER = Path(__file__).with_name("worker.py")
 ARCHITECTURES = sorted(ARCHITECTURE_CONFIGS)
 #: Kept apart from ARCHITECTURES, whose tests count dense-model collectives and layouts.
 MOE_ARCHITECTURES = sorted(MOE_ARCHITECTURE_CONFIGS)
+#: Latent attention (heads split, the latent whole on every rank) and grouped sigmoid routing; name -> the
+#: checkpoint's overrides ("+q-lora": q_a_proj replicated, q_b_proj split by heads).
+DEEPSEEK_RUNS = {**{a: {} for a in DEEPSEEK_CONFIGS}, "DeepseekV3ForCausalLM+q-lora": dict(q_lora_rank=12)}
+DEEPSEEK_ARCHITECTURES = sorted(DEEPSEEK_RUNS)
 #: micro_batch_min_tokens=8 (the default is 256) so that the tiny buckets below are split too.
 OPTIONS = dict(
     decode_buckets=[1, 2, 4, 8], prefill_buckets=[16, 32], max_seq_len=64, cache_dir="", micro_batch_min_tokens=8
@@ -177,8 +182,9 @@ def tp_run(checkpoints, tmp_path_factory) -> TensorParallelRun:
     root = tmp_path_factory.mktemp("tp")
     prompts = mixed_prompts(TINY["vocab_size"], lengths=PROMPT_LENGTHS)
     state = TensorParallelRun(prompts)
-    for architecture in (*ARCHITECTURES, *MOE_ARCHITECTURES):
-        model_dir, hf_model = checkpoints.checkpoint(architecture)
+    for architecture in (*ARCHITECTURES, *MOE_ARCHITECTURES, *DEEPSEEK_ARCHITECTURES):
+        overrides = DEEPSEEK_RUNS.get(architecture, {})
+        model_dir, hf_model = checkpoints.checkpoint(architecture.partition("+")[0], **overrides)
         state.hf[architecture] = hf_model
         state.tp1[architecture] = checkpoints.artifact(model_dir, **OPTIONS)
         state.tp2[architecture] = checkpoints.artifact(model_dir, tp=2, **OPTIONS)
@@ -229,6 +235,57 @@ def test_moe_tp2_matches_tp1(tp_run, architecture):
     ours, reference = tp_run.result(architecture), tp_run.reference[architecture]
     assert relative_error(torch.tensor(ours["logits"]), reference["logits"]) < 1e-5
     assert ours["tokens"] == reference["tokens"]
+
+
+@pytest.mark.parametrize("architecture", DEEPSEEK_ARCHITECTURES)
+def test_deepseek_tp2_matches_tp1(tp_run, architecture):
+    """Each rank holds half the heads (q_proj or q_b_proj, kv_b_proj, o_proj) and half of every expert; the
+    latent and the router are replicated: only the order of sums changes, so fp32 logits within 1e-5
+    relative of --tp 1 (and 1e-4 of transformers), and the same greedy tokens."""
+    ours, reference = tp_run.result(architecture), tp_run.reference[architecture]
+    logits = torch.tensor(ours["logits"])
+    assert relative_error(logits, reference["logits"]) < 1e-5
+    assert ours["tokens"] == reference["tokens"]
+    assert relative_error(logits, hf_last_logits(tp_run.hf[architecture], tp_run.prompts)) < 1e-4
+
+
+@pytest.mark.parametrize("architecture", DEEPSEEK_ARCHITECTURES)
+def test_deepseek_tp2_keeps_the_whole_latent(tp_run, architecture):
+    """Every rank's cache row is the whole latent (kv_lora_rank + qk_rope_head_dim, one row for all heads):
+    its heads each read all of it. What expanded K/V would take is per rank (half the heads). The latent's
+    projection and q_a_proj are the same tensors on both ranks; kv_b_proj and q_proj or q_b_proj a different
+    half of the heads on each."""
+    config = tp_run.hf[architecture].config
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    manifests = {tp: read_manifest(run[architecture]) for tp, run in ((1, tp_run.tp1), (2, tp_run.tp2))}
+    per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    for tp, manifest in manifests.items():
+        assert (manifest.kv_cache.planes, manifest.model.num_kv_heads, manifest.model.head_dim) == (1, 1, latent)
+        assert manifest.kv_cache.expanded_width == config.num_attention_heads // tp * per_head
+    half = config.num_attention_heads // 2
+    q_rows = half * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    queries = {"q_a_proj": config.q_lora_rank, "q_b_proj": q_rows} if config.q_lora_rank else {"q_proj": q_rows}
+    rows = {"kv_a_proj_with_mqa": latent, "kv_b_proj": half * (config.qk_nope_head_dim + config.v_head_dim), **queries}
+    replicated = ("kv_a_proj_with_mqa", "q_a_proj")
+    ranks = []
+    for weights in manifests[2].tensor_parallel.weights:
+        with safe_open(tp_run.tp2[architecture] / weights, "pt") as f:
+            ranks.append({k: f.get_tensor(k) for k in f.keys() if k.endswith(tuple(f"{p}.weight" for p in rows))})  # noqa: SIM118
+    assert {name.split(".")[-2] for name in ranks[0]} == set(rows)
+    for name, zero in ranks[0].items():
+        projection = name.split(".")[-2]
+        assert zero.shape[0] == rows[projection], name
+        assert torch.equal(zero, ranks[1][name]) == (projection in replicated), name
+
+
+@pytest.mark.parametrize("architecture", DEEPSEEK_ARCHITECTURES)
+def test_deepseek_layer_has_two_all_reduces(tp_run, architecture):
+    """Per layer, attention's all-reduce and the MLP's or MoE block's (routed and shared experts' partial sums
+    joined first). In every bucket: split_micro_batches splits only graphs around xllm::paged_attention, so
+    it leaves latent attention's whole (when it learns MLA, the split buckets will hold twice as many)."""
+    layers = tp_run.hf[architecture].config.num_hidden_layers
+    for bucket in (*WHOLE_BUCKETS, *SPLIT_BUCKETS):
+        assert collectives_and_moe_ops(tp_run.tp2[architecture], bucket)[0] == 2 * layers, bucket
 
 
 def collectives_and_moe_ops(artifact: Path, bucket: str) -> tuple[int, int]:
