@@ -39,8 +39,15 @@ ROW_WISE = {
     aten.mean.dim, operator.getitem, xllm.rms_norm.default, xllm.fused_add_rms_norm.default,
     xllm.silu_and_mul.default, xllm.rotary_embedding.default, *ISSUES, WAIT,
     aten.sigmoid.default, xllm.fused_moe.default,  # a token's experts read its own row (and router logits)
+    xllm.moe_experts.default, aten.masked_fill.Scalar, aten.eq.Scalar, aten.zeros_like.default,
+    aten.expand.default, aten.sum.dim_IntList, aten.topk.default, aten.gather.default, aten.scatter.value,
 }  # fmt: skip
-ATTENTION = xllm.paged_attention.default
+#: Attention ops: how many leading arguments hold the half's rows, and where the token offset goes.
+ATTENTION = {
+    xllm.paged_attention.default: (3, 10),  # query, key, value
+    xllm.mla_attention.default: (4, 11),  # q_nope, q_pe, latent, k_pe
+    xllm.latent_attention.default: (2, 9),  # query, latent rows
+}
 TOKEN_INPUTS = ("input_ids", "positions", "slot_mapping")
 
 
@@ -61,7 +68,7 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
     """Whether ``node`` computes row i of its output from row i of its token-wise inputs alone."""
     target, args = node.target, node.args
     shape = _shape(node.meta.get("val"), subs)
-    if (target not in ROW_WISE and target is not ATTENTION) or not shape or shape[0] != tokens:
+    if (target not in ROW_WISE and target not in ATTENTION) or not shape or shape[0] != tokens:
         return False
     if target is aten.index_select.default:  # a gather of table rows by a token-wise index
         return args[1] == 0 and args[2] in token_wise and args[0] not in token_wise
@@ -71,14 +78,22 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
         return args[0] in token_wise and not any(a in token_wise for a in args[1:])
     if target in (aten.slice.Tensor, aten.cat.default, aten.split_with_sizes.default):
         dim = args[1] if len(args) > 1 else 0
+        if target is aten.cat.default and not all(a in token_wise for a in args[0]):
+            return False  # joins a token-wise value with one that is not (e.g. MLA's absorbed query)
         return dim not in (0, -len(shape))
-    if target is aten.mean.dim:
+    if target in (aten.mean.dim, aten.sum.dim_IntList):
         return 0 not in [d % len(shape) for d in args[1]]
+    if target is aten.topk.default:  # along a row (the default dim is the last)
+        return (args[2] if len(args) > 2 else -1) % len(shape) != 0
+    if target in (aten.gather.default, aten.scatter.value):  # within each row, by a token-wise index
+        return args[1] % len(shape) != 0 and args[0] in token_wise and args[2] in token_wise
+    if target is aten.expand.default:  # broadcasts within each row
+        return args[1][0] in (-1, tokens)
     if target in (aten.view.default, aten.reshape.default):
         source = _shape(args[0].meta.get("val"), subs)
         return source is not None and source[0] == tokens and math.prod(source[1:]) == math.prod(shape[1:])
-    if target is ATTENTION:  # a half's queries, keys and values (the metadata describes the whole step)
-        return all(a in token_wise for a in args[:3])
+    if target in ATTENTION:  # a half's queries, keys and values (the metadata describes the whole step)
+        return all(a in token_wise for a in args[: ATTENTION[target][0]])
     for other in node.all_input_nodes:  # other operands must broadcast along the token dim
         other_shape = _shape(other.meta.get("val"), subs)
         if other not in token_wise and other_shape and len(other_shape) == len(shape) and other_shape[0] != 1:
@@ -88,7 +103,8 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
 
 class SplitMicroBatches(GraphPass):
     name = "split_micro_batches"
-    version = 2  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v
+    version = 3  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v; 3: MLA
+    # attention and DeepSeek's routing (topk, gather, scatter within rows; moe_experts)
 
     def __init__(self, options: MicroBatchOptions | None = None):
         self.options = options or MicroBatchOptions()
@@ -114,7 +130,7 @@ class SplitMicroBatches(GraphPass):
             ):
                 token_wise.add(node)
         self._subs = subs
-        return token_wise if any(n.target is ATTENTION for n in token_wise) else None
+        return token_wise if any(n.target in ATTENTION for n in token_wise) else None
 
 
 class _Splitter:
@@ -177,8 +193,9 @@ class _Splitter:
             return self.halves[n][part] if n in self.token_wise else self.env[n]
 
         copy = self.new.node_copy(node, arg)
-        if node.target is ATTENTION:
-            copy.args = (*copy.args[:10], start)  # token_offset: the metadata describes the whole step
+        if node.target in ATTENTION:
+            offset = ATTENTION[node.target][1]  # token_offset: the metadata describes the whole step
+            copy.args = (*copy.args[:offset], start)
         copy.meta["val"] = _meta_rows(node.meta["val"], end - start, self.subs)
         self._store(node, part, copy)
 

@@ -281,11 +281,13 @@ def test_deepseek_tp2_keeps_the_whole_latent(tp_run, architecture):
 @pytest.mark.parametrize("architecture", DEEPSEEK_ARCHITECTURES)
 def test_deepseek_layer_has_two_all_reduces(tp_run, architecture):
     """Per layer, attention's all-reduce and the MLP's or MoE block's (routed and shared experts' partial sums
-    joined first). In every bucket: split_micro_batches splits only graphs around xllm::paged_attention, so
-    it leaves latent attention's whole (when it learns MLA, the split buckets will hold twice as many)."""
+    joined first). split_micro_batches splits MLA's expanded attention and DeepSeek's routing, so the split
+    prefill buckets hold them twice, once per micro-batch; a decode bucket attends absorbed (its per-head
+    matmuls put the heads first, so no value after them is token-wise) and stays whole."""
     layers = tp_run.hf[architecture].config.num_hidden_layers
     for bucket in (*WHOLE_BUCKETS, *SPLIT_BUCKETS):
-        assert collectives_and_moe_ops(tp_run.tp2[architecture], bucket)[0] == 2 * layers, bucket
+        split = bucket in SPLIT_BUCKETS and bucket.startswith("prefill")
+        assert collectives_and_moe_ops(tp_run.tp2[architecture], bucket)[0] == (4 if split else 2) * layers, bucket
 
 
 def collectives_and_moe_ops(artifact: Path, bucket: str) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from xllm_compiler.interface import NUM_TOKENS, STEP_INPUTS
 from xllm_compiler.models.parallel import TRACED_GROUP
 from xllm_compiler.ops.collectives import all_reduce
+from xllm_compiler.ops.reference import route_grouped_topk
 from xllm_compiler.passes.comm.collectives import is_issue, overlap_window, wait_of
 from xllm_compiler.passes.comm.split_micro_batches import MicroBatchOptions, SplitMicroBatches
 from xllm_compiler.testing import assert_close, check_meta, code, count, run, trace
@@ -107,3 +108,46 @@ def test_declines_a_graph_that_is_not_specialised():
     gm = bucket_graph()
     del gm.meta["sizes"]
     assert SPLIT(gm).matches == 0
+
+
+NOPE, ROPE, VALUE, LATENT = 4, 2, 6, 8
+MLA_WEIGHTS = {
+    "embed": WEIGHTS["embed"],
+    "q_proj": torch.randn(HEADS * (NOPE + ROPE), HIDDEN),
+    "kv_a": torch.randn(LATENT + ROPE, HIDDEN),
+    "kv_b": torch.randn(HEADS * (NOPE + VALUE), LATENT),
+    "o_proj": torch.randn(HIDDEN, HEADS * VALUE),
+    "router": torch.randn(4, HIDDEN),
+    "bias": torch.randn(4),
+    "lm_head": WEIGHTS["lm_head"],
+}
+
+
+def mla_layer(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, logits_indices, kv_cache_0):
+    """DeepSeek's shapes: latent attention (expanded form) and its grouped sigmoid routing on one rank."""
+    w = MLA_WEIGHTS
+    x = F.embedding(input_ids, w["embed"])
+    q_nope, q_pe = F.linear(x, w["q_proj"]).view(-1, HEADS, NOPE + ROPE).split([NOPE, ROPE], dim=-1)
+    latent, k_pe = F.linear(x, w["kv_a"]).split([LATENT, ROPE], dim=-1)
+    metadata = (slot_mapping, query_lens, seq_lens, block_tables)
+    out = xllm.mla_attention(q_nope, q_pe, latent, k_pe.unsqueeze(1), kv_cache_0, *metadata, w["kv_b"], 0.3)
+    h = x + all_reduce(F.linear(out.reshape(-1, HEADS * VALUE), w["o_proj"]), TRACED_GROUP)
+    weights, ids = route_grouped_topk(F.linear(h, w["router"]), w["bias"], 2, 2, 1, True, 2.5)
+    h = h * (weights.sum(-1, keepdim=True) + ids.sum(-1, keepdim=True))
+    return (F.linear(h.index_select(0, logits_indices), w["lm_head"]),)
+
+
+def test_splits_latent_attention_and_grouped_routing():
+    """MLA's expanded attention takes each half's token offset (argument 11); DeepSeek's routing (topk,
+    scatter and gather within rows) stays per half; the results do not change."""
+    step = (*prefill_step()[:-1], torch.zeros(1, 1 + 2 * len(PROMPTS), BLOCK_SIZE, 1, LATENT + ROPE))
+    gm = trace(mla_layer, *step, weights=MLA_WEIGHTS, tracing_mode="fake")
+    for node, spec in zip(gm.graph.find_nodes(op="placeholder"), STEP_INPUTS, strict=False):
+        node.name = node.target = spec.name
+    gm.meta["sizes"] = {NUM_TOKENS: TOKENS}
+    expected = run(gm, *step)
+    assert SPLIT(gm).matches == 1
+    attention = [n for n in gm.graph.nodes if n.target is xllm.mla_attention.default]
+    assert [a.args[11] for a in attention] == [0, TOKENS // 2]
+    assert count(gm, aten.topk.default) == 2 * 3  # the three top-k of the routing, once per half
+    assert_close(run(gm, *step), expected, torch.float32)
