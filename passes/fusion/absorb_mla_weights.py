@@ -20,6 +20,8 @@ Exact in real arithmetic; in floating point it reassociates the matmuls (the pas
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
@@ -49,7 +51,7 @@ class _Builder:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args)
         values = fx.node.map_arg(args, lambda n: n.meta["val"])
-        with self.fake_mode, torch.no_grad():
+        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext(), torch.no_grad():
             node.meta["val"] = target(*values)
         return node
 

@@ -41,6 +41,7 @@ STATS_KEYS = {
     "kv_blocks_free",
     "kv_blocks_peak",
     "kv_block_size",
+    "kv_bytes_per_token",  # MLA models add expanded_kv_bytes_per_token (tests/test_deepseek_parity.py)
     "kv_fragmentation",
     "kv_peak_fragmentation",
 }

@@ -23,6 +23,8 @@ no host read), as attention's do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -156,7 +158,7 @@ def _(
 
 
 def _latent_attention(
-    attend,
+    attend: Callable[..., None],
     query: torch.Tensor,
     latent_kv: torch.Tensor,
     kv_cache: torch.Tensor,
