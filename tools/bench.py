@@ -2,10 +2,12 @@
 
     python tools/bench.py [--quick] [--model-dir DIR | --preset NAME] [--dtype float32|bfloat16|both] [--threads N]
                           [--runs N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
+                          [--also-disable-pass NAME[,NAME...]]
 
 Without --model-dir it benchmarks a random ~100M-parameter Llama (tools/random_checkpoint.py, preset
-llama-100m; --preset mixtral-100m: a Mixtral of 8 experts, top-2, ~110M in all) written into a temporary
-folder. Every system gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
+llama-100m; --preset mixtral-100m: a Mixtral of 8 experts, top-2, ~110M in all; --preset deepseek: a
+DeepSeek-V3 of ~96M, see PRESET_DEFAULTS for what it changes) written into a temporary folder. Every system
+gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
 
   hf_eager       transformers' model class for the checkpoint, eager generate() (dynamic KV cache, sdpa).
   torch_compile  the same model, generate(cache_implementation="static", compile_config=CompileConfig(
@@ -16,6 +18,8 @@ folder. Every system gets the same checkpoint, token-id prompts (seeded random i
                  kernel (index out of bounds) with torch 2.13.
   xllm_compiler  xllm_compiler.compile(decode_buckets=[1, 8, 32], prefill_buckets=[32, 512], max_seq_len=640,
                  cache_dir="") then load() and generate(ignore_eos=True).
+  xllm_compiler (no NAME)   with --also-disable-pass NAME: the same, compiled with disable_passes=[NAME] (e.g.
+                 absorb_mla_weights: decode expands K/V from the latent like prefill), one more column.
 
 Figures, each the median, min and max of --runs runs:
   compile_s         xllm_compiler: compile() wall time with the compile cache off (cache_dir="").
@@ -39,8 +43,9 @@ understates it).
 --json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
 "max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
 Machine facts (bandwidth, limits, threads) and the correctness check (greedy tokens of each system
-against hf_eager) are printed on the terminal only. --quick: batches 1 and 8, two timed runs (one for
-RSS), one compile run: under 10 minutes on 2 idle cores.
+against hf_eager), each system's speed-up over hf_eager and, for our artifacts, the KV cache bytes per token
+(and what expanded K/V would take, for MLA) are printed on the terminal only. --quick: batches 1 and 8, two
+timed runs (one for RSS), one compile run: under 10 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 64, 512
 RSS_BATCH = 8
 WORKER_TIMEOUT_S = 3600
 UNITS = {"compile_s": "s", "prefill_512_s": "s", "peak_rss_mb": "MB"}
+#: What a preset changes when the command line leaves it unset (DeepSeek: bfloat16, eager transformers, and our
+#: artifact with and without the decode weight absorption side by side).
+PRESET_DEFAULTS: dict[str, dict] = {
+    "deepseek": dict(dtype="bfloat16", systems="hf_eager,xllm_compiler", also_disable_pass=["absorb_mla_weights"]),
+}
+KV_POOL_BYTES = 2**30  # the pool the KV figures are quoted for: tokens that fit in 1 GiB
 METRICS = ("compile_s", "prefill_512_s", "decode_bs1_tok_s", "decode_bs8_tok_s", "decode_bs32_tok_s", "peak_rss_mb")
 
 
@@ -122,10 +133,11 @@ def load_hf(model_dir: str, dtype: str, compiled: bool):
     return generate
 
 
-def compile_xllm(model_dir: str, out: str, dtype: str) -> float:
+def compile_xllm(model_dir: str, out: str, dtype: str, disable_passes: list[str]) -> float:
     import xllm_compiler
 
     options = dict(decode_buckets=[1, 8, 32], prefill_buckets=[32, 512], max_seq_len=640, force=True, cache_dir="")
+    options["disable_passes"] = tuple(disable_passes)
     return timed(lambda: xllm_compiler.compile(model_dir, out, dtype=dtype, **options))[0]
 
 
@@ -140,7 +152,10 @@ def load_system(spec: dict):
         def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
             return model.generate(prompts, max_new_tokens=n, ignore_eos=True)
 
-        generate.kv_cache_bytes = model.memory_stats()["kv_cache_bytes"]  # the pool, allocated at load
+        stats = model.memory_stats()
+        generate.kv_cache_bytes = stats["kv_cache_bytes"]  # the pool, allocated at load
+        generate.kv_bytes_per_token = stats.get("kv_bytes_per_token", 0)
+        generate.expanded_kv_bytes_per_token = stats.get("expanded_kv_bytes_per_token", 0)  # MLA only
         return generate
     return load_hf(spec["model_dir"], spec["dtype"], compiled=spec["system"] == "torch_compile")
 
@@ -205,7 +220,8 @@ def worker_measure(spec: dict) -> dict:
             metrics[metric] = {"error": describe(exc)}
 
     if system == "xllm_compiler":
-        attempt("compile_s", lambda: [compile_xllm(spec["model_dir"], spec["artifact"], spec["dtype"])])
+        compile_args = (spec["model_dir"], spec["artifact"], spec["dtype"], spec["disable_passes"])
+        attempt("compile_s", lambda: [compile_xllm(*compile_args)])
     try:
         generate = load_system(spec)
     except Exception as exc:
@@ -247,7 +263,7 @@ def worker_measure(spec: dict) -> dict:
 def worker_compile(spec: dict) -> dict:
     """One more compile_s sample, in a fresh process."""
     if spec["system"] == "xllm_compiler":
-        seconds = compile_xllm(spec["model_dir"], spec["artifact"], spec["dtype"])
+        seconds = compile_xllm(spec["model_dir"], spec["artifact"], spec["dtype"], spec["disable_passes"])
         shutil.rmtree(spec["artifact"], ignore_errors=True)
     else:
         generate = load_system(spec)
@@ -273,6 +289,8 @@ def worker_rss(spec: dict) -> dict:
         "after_load_mb": loaded / 1e6,
         "first_call_peak_mb": first.peak / 1e6,
         "kv_cache_mb": getattr(generate, "kv_cache_bytes", 0) / 1e6,
+        "kv_bytes_per_token": getattr(generate, "kv_bytes_per_token", 0),
+        "expanded_kv_bytes_per_token": getattr(generate, "expanded_kv_bytes_per_token", 0),
         "exact": first.exact,
     }
     return {"metrics": {"peak_rss_mb": {"samples": samples}}, "info": info}
@@ -348,7 +366,7 @@ def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
     from safetensors import safe_open
 
     config = json.loads((model_dir / "config.json").read_text())
-    experts = config.get("num_experts") or config.get("num_local_experts")
+    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
     routed = config["num_experts_per_tok"] / experts if experts else 1.0
 
     shapes: dict[str, list[int]] = {}
@@ -428,6 +446,37 @@ def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit
     console.print(table)
 
 
+def print_speedups(console, rows: list[dict], dtype: str, systems: list[str]) -> None:
+    """Each system's prefill and decode figures over hf_eager's (above 1: faster than transformers eager)."""
+    reference = {r["metric"]: r["median"] for r in rows if (r["system"], r["dtype"]) == ("hf_eager", dtype)}
+    for system in [s for s in systems if s != "hf_eager"]:
+        parts = []
+        for row in rows:
+            base = reference.get(row["metric"])
+            if (row["system"], row["dtype"]) != (system, dtype) or not base or not row["median"]:
+                continue
+            if row["metric"] == "prefill_512_s":
+                parts.append(f"prefill_512 {base / row['median']:.2f}x")
+            elif row["metric"].startswith("decode_bs"):
+                parts.append(f"{row['metric'].removesuffix('_tok_s')} {row['median'] / base:.2f}x")
+        if parts:
+            console.print(f"{system} over hf_eager ({dtype}, medians; above 1: faster): " + ", ".join(parts))
+
+
+def kv_line(system: str, dtype: str, info: dict) -> str | None:
+    """KV bytes per token and the tokens a KV_POOL_BYTES pool holds; for MLA also with expanded K/V."""
+    per_token, expanded = info.get("kv_bytes_per_token"), info.get("expanded_kv_bytes_per_token")
+    if not per_token:
+        return None
+    line = f"KV cache {system} {dtype}: {per_token} B/token, {KV_POOL_BYTES // per_token} tokens per GiB"
+    if expanded:
+        line += (
+            f"; expanded K/V would take {expanded} B/token ({expanded / per_token:.1f}x), "
+            f"{KV_POOL_BYTES // expanded} tokens per GiB"
+        )
+    return line
+
+
 def write_plot(path: Path, rows: list[dict], dtypes: list[str], systems: list[str], limits: dict) -> None:
     import matplotlib
 
@@ -491,9 +540,15 @@ def correctness(console, results: dict, dtypes: list[str], systems: list[str]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="checkpoint to benchmark (default: a random --preset)")
-    parser.add_argument("--preset", choices=["llama-100m", "mixtral-100m"], default="llama-100m")
-    parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--preset", choices=["llama-100m", "mixtral-100m", "deepseek"], default="llama-100m")
+    parser.add_argument("--dtype", choices=[*DTYPES, "both"], help="default: both (--preset deepseek: bfloat16)")
+    parser.add_argument("--systems", help="comma-separated subset of " + ",".join(SYSTEMS) + " (default: all)")
+    parser.add_argument(
+        "--also-disable-pass",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="one more column: xllm_compiler compiled without these passes (repeatable; one column each)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every system")
     parser.add_argument("--runs", type=int, help="timed runs per figure (default 3; --quick: 2, one compile run)")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, fewer runs")
@@ -510,10 +565,20 @@ def main() -> None:
     if not console.is_terminal:  # a log file or a pipe: rich would wrap the tables at 80 columns
         console = Console(width=150)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    defaults = {} if args.model_dir else PRESET_DEFAULTS.get(args.preset, {})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    systems = [s.strip() for s in (args.systems or ",".join(SYSTEMS)).split(",") if s.strip()]
     if not systems or set(systems) - set(SYSTEMS):
         parser.error(f"--systems takes a subset of {','.join(SYSTEMS)}")
-    dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
+    variants = {}  # column -> the passes its artifact is compiled without
+    for names in args.also_disable_pass or []:
+        passes = [name.strip() for name in names.split(",") if name.strip()]
+        variants[f"xllm_compiler (no {', '.join(passes)})"] = passes
+    columns = systems + list(variants)
+    dtype_choice = args.dtype or "both"
+    dtypes = list(DTYPES) if dtype_choice == "both" else [dtype_choice]
     runs = args.runs or (2 if args.quick else 3)
     compile_runs = 1 if args.quick else runs
     batches = [1, 8] if args.quick else [1, 8, 32]
@@ -552,12 +617,14 @@ def main() -> None:
         rows: list[dict] = []
         rss_info: dict[tuple[str, str], dict] = {}
         for dtype in dtypes:
-            for system in systems:
+            for system in columns:
+                disabled = variants.get(system, [])
                 spec = dict(
-                    system=system,
+                    system="xllm_compiler" if disabled else system,
+                    disable_passes=disabled,
                     dtype=dtype,
                     model_dir=str(model_dir),
-                    artifact=str(work / f"artifact-{dtype}"),
+                    artifact=str(work / "-".join(["artifact", dtype, *disabled])),
                     vocab=vocab,
                     threads=args.threads,
                     runs=runs,
@@ -568,7 +635,7 @@ def main() -> None:
                 measured = run_worker(spec | {"mode": "measure"}, work, inductor_cache)
                 results[(system, dtype)] = measured
                 metrics = measured.get("metrics", {})
-                if system != "hf_eager":
+                if spec["system"] != "hf_eager":
                     for run in range(1, compile_runs):
                         extra = run_worker(spec | {"mode": "compile", "artifact": f"{spec['artifact']}-{run}"}, work)
                         sample = extra.get("metrics", {}).get("compile_s", {}).get("samples", [])
@@ -578,14 +645,17 @@ def main() -> None:
                 rss = run_worker(rss_spec, work, inductor_cache)  # a warm inductor cache: its compile is not timed
                 rss_info[(system, dtype)] = rss.get("info", {})
                 metrics["peak_rss_mb"] = rss.get("metrics", {}).get("peak_rss_mb", {"error": rss.get("error")})
-                names = ["compile_s"] * (system != "hf_eager") + ["prefill_512_s", *map(decode_metric, batches)]
+                names = ["compile_s"] * (spec["system"] != "hf_eager") + ["prefill_512_s", *map(decode_metric, batches)]
                 for metric in [*names, "peak_rss_mb"]:
                     entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
                     rows.append(make_row(system, dtype, metric, entry))
 
         elapsed = time.perf_counter() - start
         for dtype in dtypes:
-            print_table(console, rows, dtype, systems, limits[dtype])
+            print_table(console, rows, dtype, columns, limits[dtype])
+        if "hf_eager" in systems:
+            for dtype in dtypes:
+                print_speedups(console, rows, dtype, columns)
         for row in rows:
             if "error" in row:
                 console.print(f"[red]error[/red] {row['system']} {row['dtype']} {row['metric']}: {row['error']}")
@@ -597,16 +667,18 @@ def main() -> None:
                     f"{info['first_call_peak_mb']:.0f} MB peak in the first (warm-up) generate"
                     + ("" if info.get("exact", True) else " (sampled every 5 ms: VmHWM not available)")
                 )
+            if line := kv_line(system, dtype, info):
+                console.print(line)
         if "torch_compile" in systems:
             console.print(
                 "torch_compile: transformers compiles the decode step only; its prefill_512_s is an eager prefill "
                 "over a static cache"
             )
-        correctness(console, results, dtypes, systems)
+        correctness(console, results, dtypes, columns)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         if args.plot:
-            write_plot(args.plot, rows, dtypes, systems, limits)
+            write_plot(args.plot, rows, dtypes, columns, limits)
         console.print(f"load average over the last 5 minutes of the run: {os.getloadavg()[1]:.2f}")
         console.print(f"total: {elapsed:.0f} s ({runs} runs, {compile_runs} compile runs, batches {batches})")
 

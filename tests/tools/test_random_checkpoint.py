@@ -18,3 +18,15 @@ def test_the_moe_preset_loads_and_counts_only_routed_experts_as_read(tmp_path):
     experts = 2 * 8 * 3 * 64 * 32  # layers x experts x (w1, w3, w2) x hidden x intermediate
     total = sum(p.numel() for p in model.parameters()) - (128 - 1) * 64  # one row of the input embedding
     assert weight_bytes_per_step(checkpoint, "float32") == 4 * (total - experts + experts * 2 // 8)
+
+
+def test_the_deepseek_preset_loads_with_latent_attention_and_grouped_routing(tmp_path):
+    small = dict(SMALL, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    small |= dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=16)
+    checkpoint = write_checkpoint(tmp_path / "deepseek", "deepseek", **small)
+    model = build_model(checkpoint, torch.float32, 64)
+    assert model.spec.mla is not None and model.spec.mla.kv_lora_rank == 16
+    assert model.spec.moe.num_groups == 4 and model.spec.moe.sparse_layers == (False, True)
+    experts = 8 * 3 * 64 * 16  # one sparse layer: experts x (gate, up, down) x hidden x moe_intermediate
+    total = sum(p.numel() for p in model.parameters()) - (128 - 1) * 64
+    assert weight_bytes_per_step(checkpoint, "float32") == 4 * (total - experts + experts * 4 // 8)
