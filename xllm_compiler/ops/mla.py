@@ -67,6 +67,20 @@ def _expand(
     return torch.cat((kv[..., :nope], k_pe), dim=-1), kv[..., nope:]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA with values as wide as the keys: torch's fused CPU (and flash) kernels need equal head dims, and
+    MLA's v_head_dim differs from qk_head_dim (measured at 512 tokens, 16 heads, bf16: 117 ms on SDPA's
+    math path, 14 ms with the values zero-padded). Zero columns change neither the scores nor the kept
+    output columns."""
+    width, value_dim = q.shape[-1], v.shape[-1]
+    if value_dim < width:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, width - value_dim)), **kwargs)[..., :value_dim]
+    if value_dim > width:
+        pad = (0, value_dim - width)
+        return F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def mla_attention_kernel(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
@@ -104,10 +118,9 @@ def mla_attention_kernel(
         k, v = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
         n = row1 - row0
         if n == length:
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            attended = _sdpa(q, k, v, is_causal=True, scale=scale)
         else:
-            mask = sequence_mask(n, length, 0, query.device)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            attended = _sdpa(q, k, v, attn_mask=sequence_mask(n, length, 0, query.device), scale=scale)
         out[row0:row1] = attended[0].transpose(0, 1)
     return out
 
@@ -139,9 +152,8 @@ def capture_safe_mla_attention(
     key_seq = torch.arange(num_seqs, device=q_nope.device).repeat_interleave(width * block_size)
     mask = visible_keys(key_pos[None, :], position[:, None], 0) & (key_seq[None, :] == owner[:, None])
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)[None]  # [1, H, T, nope + rope]
-    attended = F.scaled_dot_product_attention(
-        q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[None, None], scale=scale
-    )[0].transpose(0, 1)  # [T, H, v]
+    attended = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[None, None], scale=scale)
+    attended = attended[0].transpose(0, 1)  # [T, H, v]
     return torch.where(real[:, None, None], attended, 0)
 
 
