@@ -8,6 +8,9 @@
   weights at about the memory's read bandwidth, where aten.linear's GEMV reaches a third to a half of it
   (docs/performance.md). Where the kernels could not be built, linear layers stay aten.linear on the
   plain weights.
+- every ``xllm::moe_experts`` / ``xllm::fused_moe`` on stored float32 or bfloat16 expert stacks runs its
+  ``packed_*`` form (ops/moe.py): one C++ call over the stacks packed once per expert, each expert's rows
+  through the same packed linear kernel; where the kernels were not built, the grouped composite.
 - every ``xllm::linear_w8`` (int8 weights, a compile with ``--quantize int8``) runs ops/cpu_quant.cpp's
   VNNI kernel on its int8 weight packed once, where it was built and takes the input dtype (float32,
   bfloat16); elsewhere the op's composite runs on the plain int8 weight.
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from xllm_compiler.ops import KERNELS
+from xllm_compiler.ops import KERNELS, moe
 from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
 from xllm_compiler.runtime.platform.base import Platform, available_host_memory
 from xllm_compiler.runtime.weights import PrepareWeight
@@ -36,6 +39,9 @@ aten = torch.ops.aten
 LINEAR = (aten.linear.default, aten.linear.out)
 EMBEDDING = (aten.embedding.default, aten.embedding.out)
 INT8_LINEAR = (torch.ops.xllm.linear_w8.default, torch.ops.xllm.linear_w8_out.default)
+xllm = torch.ops.xllm
+EXPERTS = (xllm.moe_experts.default, xllm.moe_experts_out.default, xllm.fused_moe.default, xllm.fused_moe_out.default)
+EXPERT_WEIGHTS = ("gate_up", "down")  # the stacked [E, N, K] weights of an EXPERTS op, packed like linear weights
 PACKED_SUFFIX = "_packed"
 
 
@@ -44,7 +50,7 @@ def lowered_targets() -> frozenset:
     composites) and the packed linear layers."""
     native = native_kernels()
     packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
-    packed += [native.int8_linear_out, native.int8_linear]
+    packed += [native.int8_linear_out, native.int8_linear, *moe.PACKED_KERNELS.values()]
     return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *(packed if native is not None else [])])
 
 
@@ -69,7 +75,7 @@ class CpuPlatform(Platform):
         """Pack each linear layer's weight as it is read; keep a plain copy only where an op other than a
         linear layer or an embedding gather (which reads the packed rows) reads it, and nothing of a tensor
         no graph reads."""
-        as_linear, as_gather, as_other = _weight_uses(graphs)
+        as_linear, as_gather, as_other, as_experts = _weight_uses(graphs)
         dtypes = packable_dtypes()
         as_int8 = _int8_linear_weights(graphs)
 
@@ -79,7 +85,10 @@ class CpuPlatform(Platform):
             if name in as_linear and tensor.dtype in dtypes and tensor.dim() == 2:
                 packed = {name + PACKED_SUFFIX: native_kernels().pack_linear_weight(tensor)}
                 return {**packed, name: tensor} if name in as_other else packed
-            return {name: tensor} if name in as_linear | as_gather | as_other else {}
+            if name in as_experts and tensor.dtype in dtypes and tensor.dim() == 3:
+                packed = {name + PACKED_SUFFIX: native_kernels().pack_expert_weights(tensor)}
+                return {**packed, name: tensor} if name in as_linear | as_gather | as_other else packed
+            return {name: tensor} if name in as_linear | as_gather | as_other | as_experts else {}
 
         return prepare
 
@@ -93,6 +102,8 @@ class CpuPlatform(Platform):
                     continue
                 if node.target in INT8_LINEAR and _packed(_argument(node, "qweight")) in weights:
                     _use_int8_linear(graph, node)
+                elif node.target in EXPERTS and _experts_packed(node, weights):
+                    _use_packed_experts(graph, node)
                 elif node.target.namespace == "xllm" and node.target.name() in kernels:
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1]) and _packed(node.args[1]) in weights:
@@ -111,11 +122,13 @@ class CpuPlatform(Platform):
             del weights[name]
 
 
-def _weight_uses(graphs: dict[str, fx.Graph]) -> tuple[set[str], set[str], set[str]]:
-    """Stored weights read as a linear layer's weight, as an embedding's table, and by anything else."""
+def _weight_uses(graphs: dict[str, fx.Graph]) -> tuple[set[str], set[str], set[str], set[str]]:
+    """Stored weights read as a linear layer's weight, as an embedding's table, by anything else, and as the
+    expert stacks of an MoE op."""
     as_linear: set[str] = set()
     as_gather: set[str] = set()
     as_other: set[str] = set()
+    as_experts: set[str] = set()
     for graph in graphs.values():
         for node in graph.nodes:
             for user in node.users if node.op == "get_attr" else ():
@@ -123,9 +136,18 @@ def _weight_uses(graphs: dict[str, fx.Graph]) -> tuple[set[str], set[str], set[s
                     as_linear.add(node.target)
                 elif user.op == "call_function" and user.target in EMBEDDING and user.args[0] is node:
                     as_gather.add(node.target)
+                elif user.op == "call_function" and user.target in EXPERTS and _is_expert_weight(user, node):
+                    as_experts.add(node.target)
                 else:
                     as_other.add(node.target)
-    return as_linear, as_gather, as_other
+    return as_linear, as_gather, as_other, as_experts
+
+
+def _is_expert_weight(user: fx.Node, weight: fx.Node) -> bool:
+    """Whether ``weight`` is an expert stack of the MoE op ``user`` and no other of its arguments."""
+    arguments = [*user.args, *user.kwargs.values()]
+    stacks = [_argument(user, name) for name in EXPERT_WEIGHTS]
+    return any(s is weight for s in stacks) and sum(a is weight for a in arguments) == 1
 
 
 def _is_stored(weight: object) -> bool:
@@ -134,6 +156,12 @@ def _is_stored(weight: object) -> bool:
 
 def _packed(weight: fx.Node) -> str:
     return weight.target + PACKED_SUFFIX
+
+
+def _experts_packed(node: fx.Node, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether both expert stacks of MoE op ``node`` are stored weights the preparer packed."""
+    stacks = [_argument(node, name) for name in EXPERT_WEIGHTS]
+    return all(_is_stored(stack) and _packed(stack) in weights for stack in stacks)
 
 
 def _only_packed(weight: fx.Node, weights: dict[str, torch.Tensor]) -> bool:
@@ -158,6 +186,23 @@ def _use_packed_linear(graph: fx.Graph, node: fx.Node) -> None:
         out_features = weight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain may be gone
         node.target, node.args = native.packed_linear, (node.args[0], packed_node, bias, out_features)
     node.kwargs = {}
+
+
+def _use_packed_experts(graph: fx.Graph, node: fx.Node) -> None:
+    """An MoE op over packed expert stacks: its packed form (ops/moe.py), the same arguments with the stacks'
+    packed copies, plus the intermediate size as the artifact records it (the packed shapes pad it)."""
+    gate_up, down = (_argument(node, name) for name in EXPERT_WEIGHTS)
+    with graph.inserting_before(node):
+        packed_gate_up, packed_down = graph.get_attr(_packed(gate_up)), graph.get_attr(_packed(down))
+
+    def swap(value: object) -> object:
+        return packed_gate_up if value is gate_up else packed_down if value is down else value
+
+    intermediate = down.meta["xllm_meta"]["shape"][2]  # down is [E, H, I]
+    kernel = moe.PACKED_KERNELS[node.target.name()]
+    node.args = tuple(swap(a) for a in node.args)
+    node.kwargs = {**{k: swap(v) for k, v in node.kwargs.items()}, "intermediate": intermediate}
+    node.target = kernel
 
 
 def _use_packed_embedding(graph: fx.Graph, node: fx.Node) -> None:

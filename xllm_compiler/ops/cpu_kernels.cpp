@@ -280,6 +280,14 @@ bool paged_decode_out(torch::Tensor query, torch::Tensor key, torch::Tensor valu
 
 }  // namespace
 
+// silu(gate) * up of one row, rounded as silu_and_mul_out rounds: for cpu_linear.cpp's experts kernel.
+void silu_and_mul_span(const float* gate, const float* up, float* dst, int64_t width) {
+  silu_and_mul_row(gate, up, dst, width);
+}
+void silu_and_mul_span(const at::BFloat16* gate, const at::BFloat16* up, at::BFloat16* dst, int64_t width) {
+  silu_and_mul_row(gate, up, dst, width);
+}
+
 void register_linear(pybind11::module& m);  // cpu_linear.cpp
 void register_quant(pybind11::module& m);   // cpu_quant.cpp
 

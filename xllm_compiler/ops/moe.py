@@ -20,6 +20,12 @@ Both accumulate expert by expert in ascending id order into a zeroed buffer of h
 transformers' experts loop does, so results agree with it in bf16 too. Padding rows are computed and
 dropped by the caller like any other padding.
 
+On the CPU with the native kernels built, the platform lowers all four ops to ``packed_*`` forms instead
+(runtime/platform/cpu.py): the stacked weights are packed once at load (``pack_expert_weights``, one
+packed matrix per expert, ops/cpu_linear.cpp's layout) and one C++ call groups the rows, runs each expert
+through the packed linear kernel (gate and up merged), SiLU·mul, the down projection and the weighted
+combine, in the same order and rounding as the grouped kernel, which stays the reference and the fallback.
+
 ``xllm::fused_moe`` takes the router logits instead of the routing: softmax, top-k and the renormalising
 (``reference.route_topk``) happen inside, so a device kernel can route and dispatch in one launch. The
 ``fuse_moe`` pass makes it from the reference routing and ``moe_experts``.
@@ -45,10 +51,12 @@ import torch
 import torch.nn.functional as F
 
 from xllm_compiler.interface import PAD_SLOT
+from xllm_compiler.ops.native import native_kernels
 from xllm_compiler.ops.reference import route_topk, silu_and_mul
 
 __all__ = [
     "CAPTURE_SAFE_KERNELS",
+    "PACKED_KERNELS",
     "capture_safe_moe_experts",
     "capture_safe_moe_experts_out",
     "fused_moe",
@@ -60,6 +68,10 @@ __all__ = [
     "moe_experts_kernel",
     "moe_experts_out",
     "moe_experts_out_kernel",
+    "packed_fused_moe",
+    "packed_fused_moe_out",
+    "packed_moe_experts",
+    "packed_moe_experts_out",
 ]
 
 
@@ -132,12 +144,17 @@ def _experts_out(implementation):
         expert_counts: torch.Tensor | None = None,
         slot_mapping: torch.Tensor | None = None,
     ) -> None:
-        if expert_counts is not None and slot_mapping is not None:
-            count_routed(topk_ids, expert_counts, slot_mapping)
-        local = local_expert_ids(topk_ids, expert_table, replicas, slot_mapping)
+        local = _counted_local_ids(topk_ids, expert_table, replicas, expert_counts, slot_mapping)
         implementation(hidden, topk_weights, topk_ids, gate_up, down, out, local)
 
     return experts_out
+
+
+def _counted_local_ids(topk_ids, expert_table, replicas, expert_counts, slot_mapping) -> torch.Tensor:
+    """Count the routing (when given a counts buffer); this op's rows of the stacked weights per routed expert."""
+    if expert_counts is not None and slot_mapping is not None:
+        count_routed(topk_ids, expert_counts, slot_mapping)
+    return local_expert_ids(topk_ids, expert_table, replicas, slot_mapping)
 
 
 def _by_device(hidden, topk_weights, topk_ids, gate_up, down, out, local_ids) -> None:
@@ -188,6 +205,11 @@ moe_experts_out = torch.library.custom_op(
 )
 
 
+def _route(hidden, router_logits, top_k, renormalise, weights_in_hidden_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, ids = route_topk(router_logits, top_k, renormalise)
+    return (weights.to(hidden.dtype) if weights_in_hidden_dtype else weights), ids
+
+
 def _routed(experts_out):
     """A fused_moe out-form kernel over an experts out-form kernel: route, then run the experts."""
 
@@ -205,8 +227,7 @@ def _routed(experts_out):
         expert_counts: torch.Tensor | None = None,
         slot_mapping: torch.Tensor | None = None,
     ) -> None:
-        weights, ids = route_topk(router_logits, top_k, renormalise)
-        weights = weights.to(hidden.dtype) if weights_in_hidden_dtype else weights
+        weights, ids = _route(hidden, router_logits, top_k, renormalise, weights_in_hidden_dtype)
         experts_out(hidden, weights, ids, gate_up, down, out, expert_table, replicas, expert_counts, slot_mapping)
 
     return fused_out
@@ -279,4 +300,98 @@ CAPTURE_SAFE_KERNELS = {
     "xllm::moe_experts_out": capture_safe_moe_experts_out,
     "xllm::fused_moe": capture_safe_fused_moe,
     "xllm::fused_moe_out": capture_safe_fused_moe_out,
+}
+
+
+# -- the CPU platform's lowering: the same ops over expert weights packed at load (ops/cpu_linear.cpp) ----------
+# Each takes its op's arguments, with gate_up and down the packed stacks (pack_expert_weights) and, by keyword,
+# ``intermediate``: I, which the packed shapes do not pin down (a bfloat16 stack pads K to even), given by the
+# lowering from the shapes the artifact records, as packed_linear gets its out_features.
+
+
+def packed_moe_experts_out(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    out: torch.Tensor,
+    expert_table: torch.Tensor | None = None,
+    replicas: int = 1,
+    expert_counts: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    *,
+    intermediate: int,
+) -> None:
+    local = _counted_local_ids(topk_ids, expert_table, replicas, expert_counts, slot_mapping)
+    native_kernels().packed_moe_experts_out(hidden, topk_weights, local, gate_up, down, intermediate, out)
+
+
+def packed_moe_experts(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert_table: torch.Tensor | None = None,
+    replicas: int = 1,
+    expert_counts: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    *,
+    intermediate: int,
+) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    routing = (expert_table, replicas, expert_counts, slot_mapping)
+    packed_moe_experts_out(hidden, topk_weights, topk_ids, gate_up, down, out, *routing, intermediate=intermediate)
+    return out
+
+
+def packed_fused_moe_out(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    renormalise: bool,
+    weights_in_hidden_dtype: bool,
+    out: torch.Tensor,
+    expert_table: torch.Tensor | None = None,
+    replicas: int = 1,
+    expert_counts: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    *,
+    intermediate: int,
+) -> None:
+    weights, ids = _route(hidden, router_logits, top_k, renormalise, weights_in_hidden_dtype)
+    routing = (expert_table, replicas, expert_counts, slot_mapping)
+    packed_moe_experts_out(hidden, weights, ids, gate_up, down, out, *routing, intermediate=intermediate)
+
+
+def packed_fused_moe(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    renormalise: bool,
+    weights_in_hidden_dtype: bool,
+    expert_table: torch.Tensor | None = None,
+    replicas: int = 1,
+    expert_counts: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    *,
+    intermediate: int,
+) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    routing = (top_k, renormalise, weights_in_hidden_dtype, out, expert_table, replicas, expert_counts, slot_mapping)
+    packed_fused_moe_out(hidden, router_logits, gate_up, down, *routing, intermediate=intermediate)
+    return out
+
+
+#: The packed form of each op, for the CPU platform's lowering (runtime/platform/cpu.py).
+PACKED_KERNELS = {
+    "xllm::moe_experts": packed_moe_experts,
+    "xllm::moe_experts_out": packed_moe_experts_out,
+    "xllm::fused_moe": packed_fused_moe,
+    "xllm::fused_moe_out": packed_fused_moe_out,
 }
