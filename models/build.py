@@ -8,8 +8,8 @@ import torch
 
 from xllm_compiler.models.config import ModelSpec
 from xllm_compiler.models.decoder import DecoderForCausalLM
-from xllm_compiler.models.fp8 import quantization_of
 from xllm_compiler.models.parallel import TensorParallel
+from xllm_compiler.models.quantization import quantization_of
 from xllm_compiler.models.registry import load_spec
 from xllm_compiler.models.weights import Checkpoint, load_experts
 

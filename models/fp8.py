@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from xllm_compiler.errors import CheckpointError
-from xllm_compiler.models.config import read_config
 
 #: The suffix of a quantized tensor's scale companion: ``X.weight`` -> ``X.weight_scale_inv``.
 SCALE_SUFFIX = "_scale_inv"
@@ -34,17 +32,9 @@ class Fp8Blocks:
     block: tuple[int, int]
 
 
-def checkpoint_quantization(config: dict[str, Any]) -> Fp8Blocks | None:
-    """The quantization config.json declares: fp8 blocks, or None for plain weights. Other schemes (GPTQ,
-    AWQ, ...) are refused by name: their tensors would otherwise load as garbage or go missing."""
-    quant = config.get("quantization_config")
-    if quant is None:
-        return None
-    if not isinstance(quant, dict):
-        raise CheckpointError(f"config.json quantization_config must be an object, got {quant!r}")
-    method = quant.get("quant_method")
-    if method != "fp8":
-        raise CheckpointError(f"quantization_config quant_method {method!r} is not supported (supported: 'fp8')")
+def fp8_blocks(quant: dict[str, Any]) -> Fp8Blocks:
+    """The block size of a ``quant_method: fp8`` quantization_config; other formats and activation
+    schemes refused by name."""
     if quant.get("fmt", "e4m3") != "e4m3":
         raise CheckpointError(f"quantization_config fmt {quant['fmt']!r} is not supported (supported: 'e4m3')")
     if quant.get("activation_scheme", "dynamic") != "dynamic":
@@ -60,13 +50,6 @@ def checkpoint_quantization(config: dict[str, Any]) -> Fp8Blocks | None:
     ):
         raise CheckpointError(f"quantization_config weight_block_size must be a pair of positive ints, got {block!r}")
     return Fp8Blocks(block=(block[0], block[1]))
-
-
-def quantization_of(model_dir: Path) -> Fp8Blocks | None:
-    """``checkpoint_quantization`` of ``model_dir``'s config.json (None for a folder without one)."""
-    if not (Path(model_dir) / "config.json").is_file():
-        return None
-    return checkpoint_quantization(read_config(model_dir))
 
 
 def scale_name(name: str) -> str:

@@ -28,7 +28,7 @@ from xllm_compiler.models.config import (
     sliding_windows,
     token_ids,
 )
-from xllm_compiler.models.fp8 import checkpoint_quantization
+from xllm_compiler.models.quantization import checkpoint_quantization
 from xllm_compiler.models.rope import softmax_scale
 
 

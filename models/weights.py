@@ -3,7 +3,8 @@
 Every failure names the file and tensor at fault, and for a wrong shape both the expected and the
 found shape: a checkpoint that does not fit its config.json must never load half-way. MoE experts load
 from either of their two layouts into one stacked tensor each (``load_experts``). FP8 block-quantized
-tensors (models/fp8.py) load dequantized, so no caller sees their scales.
+tensors (models/fp8.py) and GPTQ / AWQ packed linears (models/int_quant.py) load dequantized, so no
+caller sees their scales, zero points or packing.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from xllm_compiler.errors import CheckpointError
-from xllm_compiler.models import fp8
+from xllm_compiler.models import fp8, int_quant
 from xllm_compiler.models.config import MoESpec
+from xllm_compiler.models.quantization import Quantization
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -56,10 +59,11 @@ def _open(path: Path, stack: ExitStack):
 
 class Checkpoint:
     """Read access to a checkpoint's tensors by name, each file opened (mmap) once. ``quantization`` is
-    what config.json declares (``fp8.checkpoint_quantization``): with fp8 blocks, float8 tensors load
-    dequantized and their ``_scale_inv`` companions are hidden from ``names()`` and ``in``."""
+    what config.json declares (``quantization.checkpoint_quantization``): with fp8 blocks, float8 tensors
+    load dequantized and their ``_scale_inv`` companions are hidden from ``names()`` and ``in``; with GPTQ
+    or AWQ, a packed ``X.qweight`` loads as the float ``X.weight`` and its companions are hidden."""
 
-    def __init__(self, model_dir: Path, quantization: fp8.Fp8Blocks | None = None):
+    def __init__(self, model_dir: Path, quantization: Quantization | None = None):
         self.model_dir = Path(model_dir)
         self.quantization = quantization
         self._shards = _shard_of_each_tensor(self.model_dir)
@@ -73,18 +77,33 @@ class Checkpoint:
         self._stack.close()
 
     def names(self) -> Iterator[str]:
-        """The model's tensor names: every stored tensor but the scales of quantized ones."""
-        return (name for name in self._shards if not self._is_scale(name))
+        """The model's tensor names: every stored tensor but the companions of quantized ones, a packed
+        ``X.qweight`` named as the ``X.weight`` it loads as."""
+        for name in self._shards:
+            if not self._is_companion(name):
+                yield int_quant.weight_name(name) if name.endswith(int_quant.PACKED_SUFFIX) else name
 
     def files(self) -> list[Path]:
         return sorted(set(self._shards.values()))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._shards and not self._is_scale(name)
+        if name in self._shards:
+            return not self._is_companion(name) and not name.endswith(int_quant.PACKED_SUFFIX)
+        return int_quant.packed_name(name) in self._shards
 
-    def _is_scale(self, name: str) -> bool:
+    def _is_companion(self, name: str) -> bool:
+        """An fp8 tensor's scale, or a packed linear's zero points, scales or group indices."""
         suffix = fp8.SCALE_SUFFIX
-        return name.endswith(suffix) and name.removesuffix(suffix) in self._shards
+        if name.endswith(suffix) and name.removesuffix(suffix) in self._shards:
+            return True
+        return int_quant.owner_of(name) in self._shards
+
+    def _stored(self, name: str) -> tuple[str, Any] | None:
+        """(file name, safetensors slice) of a stored tensor; None if the checkpoint has no such tensor."""
+        if name not in self._shards:
+            return None
+        path, handle = self._handle(name)
+        return path.name, handle.get_slice(name)
 
     def _handle(self, name: str):
         """(file, open safetensors handle) of a stored tensor."""
@@ -97,7 +116,11 @@ class Checkpoint:
         """Tensor ``name`` checked against ``shape`` (the whole tensor's) and cast to ``dtype``; with
         ``shard`` = (dim, start, end) only that slice is read from the file. An fp8 tensor is dequantized
         in float32 first; its shard reads only its own blocks when the slice is block-aligned, else the
-        whole tensor (see ``fp8.read_dequantized``)."""
+        whole tensor (see ``fp8.read_dequantized``). A GPTQ / AWQ packed linear is dequantized whole, then
+        its shard is cut (see ``int_quant.read_dequantized``)."""
+        packed = int_quant.packed_name(name)
+        if name not in self._shards and packed in self._shards:
+            return self._unpacked(packed, shape, shard).to(dtype)
         if name not in self._shards:
             files = ", ".join(p.name for p in self.files())
             raise CheckpointError(f"tensor '{name}' is missing from the checkpoint (searched {files})")
@@ -125,6 +148,23 @@ class Checkpoint:
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, expected floats")
         return tensor.to(dtype)
+
+    def _unpacked(self, packed: str, shape: tuple[int, ...], shard) -> torch.Tensor:
+        """The float32 weight of packed linear ``packed`` (or its shard), from ``X.qweight`` and companions."""
+        path = self._shards[packed]
+        if not isinstance(self.quantization, int_quant.IntQuant):
+            raise CheckpointError(
+                f"{path.name}: tensor '{packed}' holds packed integers but config.json has no quantization_config "
+                "with quant_method 'gptq' or 'awq'"
+            )
+        try:
+            tensor = int_quant.read_dequantized(self.quantization, packed, shape, self._stored)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path.name}: tensor '{packed}' cannot be read ({exc})") from None
+        if shard is None:
+            return tensor
+        dim, start, end = shard
+        return tensor[(slice(None),) * dim + (slice(start, end),)].contiguous()
 
     def _dequantized(self, name: str, path: Path, view, shape: tuple[int, ...], shard) -> torch.Tensor:
         """The float32 values of fp8 tensor ``name``, after checking its format and its scales."""

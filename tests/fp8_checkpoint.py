@@ -48,30 +48,37 @@ def quantize_checkpoint_to_fp8(
     """Copy the checkpoint in ``src_dir`` to ``dst_dir`` (one safetensors file) with its projection weights
     in fp8 blocks and config.json declaring them; returns the state dict as the fp8 checkpoint means it:
     quantized weights dequantized (in float32, cast back to their dtype), the others unchanged."""
-    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(src_dir.glob("*.safetensors")):
-        tensors.update(load_file(file))
     stored, meant = {}, {}
-    for name, tensor in tensors.items():
+    for name, tensor in checkpoint_tensors(src_dir).items():
         if not quantizable(name, tensor, skip):
             stored[name] = meant[name] = tensor
             continue
         values, scale = quantize_blocks(tensor, block)
         stored[name], stored[scale_name(name)] = values, scale
         meant[name] = dequantize(values, scale, block).to(tensor.dtype)
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    save_quantized(src_dir, dst_dir, stored, quant)
+    return meant
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``model_dir`` (one safetensors file or several)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def save_quantized(src_dir: Path, dst_dir: Path, stored: dict[str, torch.Tensor], quant: dict) -> None:
+    """``stored`` as the checkpoint in ``dst_dir``, with ``src_dir``'s other files and its config.json
+    declaring ``quant`` as its quantization_config."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
     save_file(stored, str(dst_dir / "model.safetensors"), metadata={"format": "pt"})
     copy_side_files(src_dir, dst_dir)
     config = json.loads((src_dir / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
+    config["quantization_config"] = quant
     (dst_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return meant
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> None:

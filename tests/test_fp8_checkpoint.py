@@ -18,7 +18,8 @@ from tests.hf_oracle import hf_in_float32, mixed_prompts
 from tests.test_hf_parity import check_parity
 from xllm_compiler import cli
 from xllm_compiler.errors import CheckpointError
-from xllm_compiler.models.fp8 import Fp8Blocks, checkpoint_quantization, dequantize
+from xllm_compiler.models.fp8 import Fp8Blocks, dequantize
+from xllm_compiler.models.quantization import checkpoint_quantization
 from xllm_compiler.models.weights import Checkpoint
 
 #: Blocks that divide none of the tiny Llama's dims (64, 32, 128, 256): every weight has partial blocks.
@@ -140,8 +141,7 @@ def test_bad_fp8_tensors_are_named(fp8_dir, edit, quantization, fragments):
 @pytest.mark.parametrize(
     ("quant", "fragment"),
     [
-        ({"quant_method": "gptq", "bits": 4}, "quantization_config quant_method 'gptq' is not supported"),
-        ({"quant_method": "awq"}, "quant_method 'awq' is not supported"),
+        ({"quant_method": "bitsandbytes"}, "quantization_config quant_method 'bitsandbytes' is not supported"),
         ({**QUANT, "fmt": "e5m2"}, "fmt 'e5m2'"),
         ({**QUANT, "activation_scheme": "static"}, "activation_scheme 'static'"),
         ({**QUANT, "weight_block_size": [128]}, "weight_block_size"),
@@ -225,9 +225,10 @@ def test_compile_names_a_missing_scale_on_one_line(llama_fp8, tmp_path, capsys):
     assert_one_line(err, "xllm-compile", "'model.layers.1.mlp.down_proj.weight'", "weight_scale_inv' is missing")
 
 
-def test_compile_refuses_a_gptq_checkpoint_by_name(llama_fp8, tmp_path):
+def test_compile_refuses_an_unknown_quantization_by_name(llama_fp8, tmp_path):
     model_dir = Path(shutil.copytree(llama_fp8[1], tmp_path / "model"))
     config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
-    with pytest.raises(CheckpointError, match="quant_method 'gptq' is not supported"):
+    quant = {"quant_method": "bitsandbytes"}
+    (model_dir / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    with pytest.raises(CheckpointError, match="quant_method 'bitsandbytes' is not supported"):
         xllm_compiler.compile(model_dir, tmp_path / "out", **SMALL)
