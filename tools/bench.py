@@ -3,6 +3,7 @@
     python tools/bench.py [--quick] [--model-dir DIR | --preset NAME] [--dtype float32|bfloat16|both] [--threads N]
                           [--runs N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
                           [--also-disable-pass NAME[,NAME...]]
+                          [--llama-bench PATH [--llama-batched-bench PATH] [--llama-quant int8,int4|none]]
 
 Without --model-dir it benchmarks a random ~100M-parameter Llama (tools/random_checkpoint.py, preset
 llama-100m; --preset mixtral-100m: a Mixtral of 8 experts, top-2, ~110M in all; --preset deepseek: a
@@ -20,6 +21,17 @@ gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
                  cache_dir="") then load() and generate(ignore_eos=True).
   xllm_compiler (no NAME)   with --also-disable-pass NAME: the same, compiled with disable_passes=[NAME] (e.g.
                  absorb_mla_weights: decode expands K/V from the latent like prefill), one more column.
+  llama_cpp      with --llama-bench PATH: llama.cpp on the same weights, converted to GGUF by tools/gguf_convert.py
+                 (float32 -> F32, bfloat16 -> BF16, and per --llama-quant, default int8,int4, Q8_0 and Q4_0 in
+                 tables, and rows' dtype, int8 and int4, where our quantized artifacts belong), timed by
+                 llama-bench (prefill, decode at batch 1) and llama-batched-bench (decode at batch 8 and 32; by
+                 default the one next to llama-bench): see tools/llama_cpp_bench.py for how its figures map
+                 onto ours. No compile_s or peak_rss_mb. A missing binary or a failed run is an error in its
+                 cells; the rest still runs.
+                 Building them (no GPU; ~25 minutes on 2 cores): the llama.cpp source ships in llama-cpp-python's
+                 sdist, `pip download --no-deps --no-binary :all: llama-cpp-python`, unpack it, then in
+                 vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
+                 --target llama-bench llama-batched-bench -j2`; the binaries land in build/bin/.
 
 Figures, each the median, min and max of --runs runs:
   compile_s         xllm_compiler: compile() wall time with the compile cache off (cache_dir="").
@@ -43,9 +55,11 @@ understates it).
 --json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
 "max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
 Machine facts (bandwidth, limits, threads) and the correctness check (greedy tokens of each system
-against hf_eager), each system's speed-up over hf_eager and, for our artifacts, the KV cache bytes per token
-(and what expanded K/V would take, for MLA) are printed on the terminal only. --quick: batches 1 and 8, two
-timed runs (one for RSS), one compile run: under 10 minutes on 2 idle cores.
+against hf_eager), each system's speed-up over hf_eager (and ours over llama_cpp's, when it ran), for our
+artifacts the KV cache bytes per token (and what expanded K/V would take, for MLA), and for llama_cpp its
+GGUF files, build and commands are printed on the terminal only; the int8/int4 tables' limits count the bytes
+of the GGUF file (gguf_convert.bytes_per_step). --quick: batches 1 and 8, two timed runs (one for RSS), one
+compile run: under 10 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ from pathlib import Path
 import torch
 
 SYSTEMS = ("hf_eager", "torch_compile", "xllm_compiler")
+LLAMA_CPP = "llama_cpp"  # the optional peer (--llama-bench), run outside the workers
 DTYPES = ("float32", "bfloat16")
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 64, 512
 RSS_BATCH = 8
@@ -418,7 +433,7 @@ def format_value(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit: float) -> None:
+def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit: float | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -438,7 +453,7 @@ def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit
                 cells.append("[red]error[/red]")
             else:
                 cell = f"{format_value(row['median'])} [{format_value(row['min'])}-{format_value(row['max'])}]"
-                if metric.startswith("decode_bs"):
+                if metric.startswith("decode_bs") and limit:
                     batch = int(metric.removeprefix("decode_bs").removesuffix("_tok_s"))
                     cell += f" {100 * row['median'] / (batch * limit):.0f}%"
                 cells.append(escape(cell))
@@ -446,10 +461,10 @@ def print_table(console, rows: list[dict], dtype: str, systems: list[str], limit
     console.print(table)
 
 
-def print_speedups(console, rows: list[dict], dtype: str, systems: list[str]) -> None:
-    """Each system's prefill and decode figures over hf_eager's (above 1: faster than transformers eager)."""
-    reference = {r["metric"]: r["median"] for r in rows if (r["system"], r["dtype"]) == ("hf_eager", dtype)}
-    for system in [s for s in systems if s != "hf_eager"]:
+def print_speedups(console, rows: list[dict], dtype: str, systems: list[str], over: str = "hf_eager") -> None:
+    """Each system's prefill and decode figures over ``over``'s (above 1: faster than it)."""
+    reference = {r["metric"]: r["median"] for r in rows if (r["system"], r["dtype"]) == (over, dtype)}
+    for system in [s for s in systems if s != over]:
         parts = []
         for row in rows:
             base = reference.get(row["metric"])
@@ -460,7 +475,7 @@ def print_speedups(console, rows: list[dict], dtype: str, systems: list[str]) ->
             elif row["metric"].startswith("decode_bs"):
                 parts.append(f"{row['metric'].removesuffix('_tok_s')} {row['median'] / base:.2f}x")
         if parts:
-            console.print(f"{system} over hf_eager ({dtype}, medians; above 1: faster): " + ", ".join(parts))
+            console.print(f"{system} over {over} ({dtype}, medians; above 1: faster): " + ", ".join(parts))
 
 
 def kv_line(system: str, dtype: str, info: dict) -> str | None:
@@ -514,6 +529,39 @@ def write_plot(path: Path, rows: list[dict], dtypes: list[str], systems: list[st
 # -- the run ---------------------------------------------------------------------------------------------
 
 
+def measure_llama_cpp(console, args, model_dir: Path, work: Path, variants: list[str], runs: int, batches: list[int]):
+    """llama_cpp's rows for each variant (a GGUF file each, converted here) and what to print about each."""
+    if (here := str(Path(__file__).resolve().parent)) not in sys.path:
+        sys.path.insert(0, here)
+    from gguf_convert import GGUF_TYPES, bytes_per_step, convert
+    from llama_cpp_bench import batched_bench_next_to, measure, summary
+
+    batched = args.llama_batched_bench or batched_bench_next_to(args.llama_bench)
+    names = ["prefill_512_s", *map(decode_metric, batches)]
+    rows, notes = [], {}
+    for dtype in variants:
+        gguf_type, path = GGUF_TYPES[dtype], work / f"model-{GGUF_TYPES[dtype]}.gguf"
+        console.print(f"{dtype} {LLAMA_CPP}: GGUF {gguf_type}, measuring")
+        try:
+            if not args.llama_bench.is_file():
+                raise FileNotFoundError(f"--llama-bench {args.llama_bench}: no such file")
+            seconds = timed(convert, model_dir, path, gguf_type)[0]
+            measured = measure(path, args.llama_bench, batched, args.threads, runs, batches)
+            size = path.stat().st_size / 1e6
+            notes[dtype] = measured["info"] | dict(gguf_type=gguf_type, mb=size, convert_s=seconds)
+            notes[dtype]["bytes_per_step"] = bytes_per_step(path)
+            notes[dtype]["summary"] = summary(notes[dtype])
+        except Exception as exc:
+            measured = {"error": describe(exc)}
+        finally:
+            path.unlink(missing_ok=True)
+        metrics = measured.get("metrics", {})
+        for metric in names:
+            entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
+            rows.append(make_row(LLAMA_CPP, dtype, metric, entry))
+    return rows, notes
+
+
 def correctness(console, results: dict, dtypes: list[str], systems: list[str]) -> None:
     """Greedy tokens of each system against hf_eager (else torch_compile); float32 must agree."""
     reference = next((s for s in ("hf_eager", "torch_compile") if s in systems), None)
@@ -554,6 +602,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, fewer runs")
     parser.add_argument("--json", type=Path, help="write the rows (a list of dicts) here")
     parser.add_argument("--plot", type=Path, help="write a PNG of decode tokens/s per batch size here")
+    parser.add_argument("--llama-bench", type=Path, metavar="PATH", help="also run llama.cpp: its llama-bench binary")
+    parser.add_argument(
+        "--llama-batched-bench", type=Path, metavar="PATH", help="for llama.cpp's batch>1 decode (default: its sibling)"
+    )
+    parser.add_argument(
+        "--llama-quant",
+        default="int8,int4",
+        metavar="W[,W]|none",
+        help="with --llama-bench, also llama.cpp at these widths: int8 = GGUF Q8_0, int4 = Q4_0 (default %(default)s)",
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -577,6 +635,9 @@ def main() -> None:
         passes = [name.strip() for name in names.split(",") if name.strip()]
         variants[f"xllm_compiler (no {', '.join(passes)})"] = passes
     columns = systems + list(variants)
+    quant = [w.strip() for w in args.llama_quant.split(",") if w.strip() and w.strip() != "none"]
+    if set(quant) - {"int8", "int4"}:
+        parser.error("--llama-quant takes int8, int4 or none")
     dtype_choice = args.dtype or "both"
     dtypes = list(DTYPES) if dtype_choice == "both" else [dtype_choice]
     runs = args.runs or (2 if args.quick else 3)
@@ -650,12 +711,26 @@ def main() -> None:
                     entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
                     rows.append(make_row(system, dtype, metric, entry))
 
+        shown, tables, notes = columns, dtypes, {}
+        if args.llama_bench:
+            console.print(f"[{time.perf_counter() - start:6.0f} s] {LLAMA_CPP}: converting and measuring")
+            llama_rows, notes = measure_llama_cpp(console, args, model_dir, work, dtypes + quant, runs, batches)
+            rows += llama_rows
+            shown, tables = [*columns, LLAMA_CPP], dtypes + quant
+            for dtype in quant:  # a GGUF file's own bytes: what llama.cpp reads per step at that width
+                per_step = notes.get(dtype, {}).get("bytes_per_step")
+                limits[dtype] = bandwidth * 1e9 / per_step if per_step else None
+
         elapsed = time.perf_counter() - start
-        for dtype in dtypes:
-            print_table(console, rows, dtype, columns, limits[dtype])
+        for dtype in tables:
+            present = [c for c in shown if any((r["system"], r["dtype"]) == (c, dtype) for r in rows)]
+            print_table(console, rows, dtype, present, limits[dtype])
         if "hf_eager" in systems:
             for dtype in dtypes:
-                print_speedups(console, rows, dtype, columns)
+                print_speedups(console, rows, dtype, shown)
+        if args.llama_bench:
+            for dtype in tables:
+                print_speedups(console, rows, dtype, [c for c in columns if c.startswith("xllm")], over=LLAMA_CPP)
         for row in rows:
             if "error" in row:
                 console.print(f"[red]error[/red] {row['system']} {row['dtype']} {row['metric']}: {row['error']}")
@@ -674,11 +749,18 @@ def main() -> None:
                 "torch_compile: transformers compiles the decode step only; its prefill_512_s is an eager prefill "
                 "over a static cache"
             )
+        for dtype, note in notes.items():
+            console.print(f"{LLAMA_CPP} {dtype}: {note['summary']}")
+            if dtype in quant and limits[dtype]:
+                mb = note["bytes_per_step"] / 1e6
+                console.print(
+                    f"decode limit at batch 1, {dtype}: {mb:.0f} MB of GGUF per step -> {limits[dtype]:.1f} tok/s"
+                )
         correctness(console, results, dtypes, columns)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         if args.plot:
-            write_plot(args.plot, rows, dtypes, columns, limits)
+            write_plot(args.plot, rows, dtypes, shown, limits)
         console.print(f"load average over the last 5 minutes of the run: {os.getloadavg()[1]:.2f}")
         console.print(f"total: {elapsed:.0f} s ({runs} runs, {compile_runs} compile runs, batches {batches})")
 
