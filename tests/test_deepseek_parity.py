@@ -49,9 +49,13 @@ VARIANTS = {
     # mscale != mscale_all_dim: cos/sin scaled by their ratio too
     "yarn-attention-factor": dict(rope_parameters={**YARN, "mscale_all_dim": 0.707}, max_position_embeddings=128),
 }
-#: bf16 logits against transformers' bf16: measured 0.38-0.55% of the logit range over 12 checkpoints (seeds
-#: 0-5, q_lora_rank None and 12), while either implementation's bf16 is 0.6-1.4% away from float32.
-BF16_TOLERANCE = 1e-2
+#: bf16 logits, against transformers' bf16 and against transformers' float32 on the same bf16 weights (the
+#: truth both approximate). Measured over 12 checkpoints (seeds 0-11) with our prefill attention on SDPA's
+#: fused kernel (ops/mla.py pads V): ours vs transformers' bf16 0.45-1.02% of the logit range, ours vs float32
+#: 0.61-1.10%, transformers' own bf16 vs float32 0.58-1.08%. Two correct bf16 implementations (a fused
+#: online softmax against transformers' math path, which rounds the scores to bf16) part by about what either
+#: is off the truth, so the bound is the dense parity test's 2e-2 (test_hf_parity), about twice the largest.
+BF16_TOLERANCE = 2e-2
 #: Small buckets keep compiles cheap: the prompts (up to 40 tokens) prefill through prefill_16/64 and the
 #: fallback, then decode together in decode_4; decode_1 and prefill_16 are there to be rewritten or not.
 OPTIONS = dict(decode_buckets=[1, 4], prefill_buckets=[16, 64], max_seq_len=64)
@@ -161,19 +165,19 @@ def _assert_no_near_tie(block, hidden: torch.Tensor, where: str) -> None:
 
 
 def test_bfloat16_deepseek_checkpoint(checkpoints):
-    """bf16 against transformers' bf16 within BF16_TOLERANCE of the logit range: about twice the largest
-    difference measured over 12 random checkpoints (bf16's eps is 2**-8; two correct implementations summing
-    in another order differ by a few eps), half test_hf_parity's 2e-2 because the router is float32 in both
-    here, so no token is routed apart by bf16 rounding of its router logits. Greedy tokens are not compared in
-    bf16: over those checkpoints 1 sequence in 8 parted from transformers' within 8 tokens (near-ties flip the
-    argmax). Compiled at float32, the bf16 checkpoint matches float32 transformers as tightly as ever."""
+    """bf16 within BF16_TOLERANCE of the logit range of transformers' bf16 and of transformers' float32 on
+    the same weights (bf16's eps is 2**-8; see BF16_TOLERANCE for the measured spread). Greedy tokens are not
+    compared in bf16: over 12 checkpoints 1 sequence in 8 parted from transformers' within 8 tokens (near-ties
+    flip the argmax). Compiled at float32, the bf16 checkpoint matches float32 transformers as tightly as ever."""
     model_dir, hf_bf16 = checkpoints.checkpoint(ARCHITECTURE, dtype="bfloat16")
     prompts = mixed_prompts(hf_bf16.config.vocab_size)
     artifact = checkpoints.artifact(model_dir, **OPTIONS)
     assert read_manifest(artifact).model.dtype == "bfloat16"
     ours = xllm_compiler.load(artifact).logits(prompts)
+    hf_float32 = hf_in_float32(model_dir, ARCHITECTURE)
     assert relative_error(ours, hf_last_logits(hf_bf16, prompts)) < BF16_TOLERANCE
-    check_parity(checkpoints, hf_in_float32(model_dir, ARCHITECTURE), model_dir, dtype="float32", **OPTIONS)
+    assert relative_error(ours, hf_last_logits(hf_float32, prompts)) < BF16_TOLERANCE
+    check_parity(checkpoints, hf_float32, model_dir, dtype="float32", **OPTIONS)
 
 
 def attention_ops(artifact) -> dict[str, tuple[int, int]]:

@@ -216,7 +216,9 @@ def test_padding_writes_only_the_reserved_block(artifact, llama, lengths, prefil
     others = [b for b in range(RESERVED_BLOCKS, ours.shape[2]) if b not in owned]
     assert (ours[:, :, others] == UNUSED_BLOCK_SENTINEL).all()
     assert (reference[:, :, others] == UNUSED_BLOCK_SENTINEL).all()
-    differing = [b for b in range(ours.shape[2]) if not torch.allclose(ours[:, :, b], reference[:, :, b])]
+    # Owned blocks agree within the tolerance above (aten's GEMMs round differently at another row count).
+    close = [torch.allclose(ours[:, :, b], reference[:, :, b], rtol=1e-5, atol=1e-6) for b in range(ours.shape[2])]
+    differing = [b for b, same in enumerate(close) if not same]
     assert differing == [0]
 
 
