@@ -71,6 +71,8 @@ DEEPSEEK_CONFIGS = {
         routed_scaling_factor=2.5,
     ),
 }
+#: DeepSeek-V2: the same latent attention, softmax routing (``topk_method`` greedy or group_limited_greedy).
+DEEPSEEK_CONFIGS["DeepseekV2ForCausalLM"] = {**DEEPSEEK_CONFIGS["DeepseekV3ForCausalLM"], "topk_method": "greedy"}
 
 
 def hf_classes(architecture: str):

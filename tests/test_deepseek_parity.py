@@ -89,6 +89,14 @@ def test_deepseek_matches_transformers(checkpoints, variant):
     check_parity(checkpoints, hf_model, model_dir, new_tokens=NEW_TOKENS, **OPTIONS)
 
 
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_matches_transformers(checkpoints, topk_method):
+    """V2 through the same code: softmax scores, top-k over all experts or within the topk_group best groups
+    (each scored by its best expert), not renormalised, times routed_scaling_factor."""
+    model_dir, hf_model = checkpoints.checkpoint("DeepseekV2ForCausalLM", topk_method=topk_method)
+    check_parity(checkpoints, hf_model, model_dir, new_tokens=NEW_TOKENS, **OPTIONS)
+
+
 @pytest.mark.parametrize("variant", ["yarn", "yarn-attention-factor"])
 def test_yarn_changes_the_logits(checkpoints, variant):
     """The yarn parity above is not vacuous: on the same weights, transformers' default rope gives logits

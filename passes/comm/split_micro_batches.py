@@ -41,6 +41,7 @@ ROW_WISE = {
     aten.sigmoid.default, xllm.fused_moe.default,  # a token's experts read its own row (and router logits)
     xllm.moe_experts.default, aten.masked_fill.Scalar, aten.eq.Scalar, aten.zeros_like.default,
     aten.expand.default, aten.sum.dim_IntList, aten.topk.default, aten.gather.default, aten.scatter.value,
+    aten._softmax.default, aten.softmax.int, aten.max.dim,  # DeepSeek-V2's routing: along each row
 }  # fmt: skip
 #: Attention ops: how many leading arguments hold the half's rows, and where the token offset goes.
 ATTENTION = {
@@ -85,6 +86,8 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
         return 0 not in [d % len(shape) for d in args[1]]
     if target is aten.topk.default:  # along a row (the default dim is the last)
         return (args[2] if len(args) > 2 else -1) % len(shape) != 0
+    if target in (aten._softmax.default, aten.softmax.int, aten.max.dim):  # along the dim given
+        return args[1] % len(shape) != 0
     if target in (aten.gather.default, aten.scatter.value):  # within each row, by a token-wise index
         return args[1] % len(shape) != 0 and args[0] in token_wise and args[2] in token_wise
     if target is aten.expand.default:  # broadcasts within each row
@@ -103,8 +106,8 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
 
 class SplitMicroBatches(GraphPass):
     name = "split_micro_batches"
-    version = 3  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v; 3: MLA
-    # attention and DeepSeek's routing (topk, gather, scatter within rows; moe_experts)
+    version = 4  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v; 3: MLA
+    # attention and DeepSeek's routing (topk, gather, scatter within rows; moe_experts); 4: V2's (softmax, max)
 
     def __init__(self, options: MicroBatchOptions | None = None):
         self.options = options or MicroBatchOptions()
