@@ -10,8 +10,9 @@
 // x 64 outputs accumulates in 24 vector registers with no horizontal reduction, so the same kernel also
 // holds up at prefill sizes. Measured against oneDNN on its own packed weights over the 49 linear layers
 // of the ~100M Llama (docs/performance.md): 1.5-2x faster from 1 to 8 rows, as fast or faster at 512.
-// Sums are float; the output is rounded once. Built only where the compiler targets AVX-512 (float32)
-// and AVX-512 BF16 (bfloat16); elsewhere packed_linear_dtypes() is empty and graphs keep aten.linear.
+// Sums are float; the output is rounded once. Built where the compiler targets AVX-512 (float32) and
+// AVX-512 BF16 (bfloat16), or else AVX2 with FMA (both dtypes: 8-lane tiles over the same layout, the
+// AVX2 section below); elsewhere packed_linear_dtypes() is empty and graphs keep aten.linear.
 // Where the CPU has AMX, bfloat16 inputs of 2 rows or more run AMX tiles over the same packed layout.
 // The last section runs the routed experts of an MoE layer on per-expert packed weights.
 #include <torch/extension.h>
@@ -20,7 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__)
@@ -28,12 +29,25 @@
 #include <unistd.h>
 #endif
 
+// Which kernels this build has: AVX-512 (BF16 for bfloat16), else AVX2 with FMA for both dtypes.
+#if defined(__AVX512F__)
+#define XLLM_LINEAR_F32 1
+#if defined(__AVX512BF16__)
+#define XLLM_LINEAR_BF16 1
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#define XLLM_LINEAR_AVX2 1
+#define XLLM_LINEAR_F32 1
+#define XLLM_LINEAR_BF16 1
+#endif
+
 namespace {
 
-constexpr int64_t kBlock = 64;  // outputs per packed block: four 16-lane vectors
-constexpr int kTileRows = 6;    // input rows per register tile: 6 x 4 accumulators + 4 weight vectors
+constexpr int64_t kBlock = 64;  // outputs per packed block: four 16-lane vectors (AVX2: eight 8-lane ones)
 
 #if defined(__AVX512F__)
+
+constexpr int kTileRows = 6;  // input rows per register tile: 6 x 4 accumulators + 4 weight vectors
 
 // Float32 lanes: one K step is one fused multiply-add per accumulator.
 struct F32 {
@@ -208,6 +222,197 @@ void block_rows_any(const typename L::T* x, int64_t rows, int64_t x_stride, cons
   block_rows<L>(x, rows, x_stride, block, k_size, bias, out, out_stride, valid);
 }
 
+#elif defined(XLLM_LINEAR_AVX2)
+// AVX2 with FMA (no AVX-512), over the same layout: 8 outputs to a 256-bit vector, so a block is 8 vectors.
+// 16 registers hold a tile of 1 row x 64 outputs (8 accumulators), up to 3 rows x 32 or 6 rows x 16 (12
+// accumulators, the weight vectors of a step, a broadcast input). A tile narrower than the block reads a
+// K step's 256 bytes a strip at a time, which from memory ran at half the speed of one sequential pass, so
+// the block goes through in chunks of kChunkSteps K steps (16 KB, which stay in L1 while every tile reads
+// them) with the sums kept between chunks; in float32 the first row of each chunk runs alone over all 64
+// outputs, one sequential pass that brings the chunk in (bfloat16 did better without). bfloat16 has no
+// dot product here: a vector of 8 outputs' pairs is widened to two float vectors (the even K shifted up,
+// the odd K masked) and each tile's input rows are widened to float per chunk. Against aten.linear on an
+// AMD EPYC (Zen 3): docs/performance.md.
+
+// The tile's loops fully unrolled: GCC's -O3 otherwise keeps the accumulators in memory, storing each one
+// every K step (half the speed).
+#define XLLM_UNROLL _Pragma("GCC unroll 16")
+
+inline __m256i lane_mask(int64_t lanes) {  // the first `lanes` of 8 lanes
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Float32 lanes: one K step is one fused multiply-add per accumulator.
+struct F32 {
+  using T = float;
+  static constexpr int64_t kStep = 1;
+  static constexpr bool kLeadRow = true;
+  static __m256 weights(const float* w, int) { return _mm256_loadu_ps(w); }
+  // A chunk of the tile's rows as float: the rows themselves.
+  static const float* rows_as_float(const float* x, int64_t, int64_t, int64_t, int64_t, std::vector<float>&,
+                                    int64_t&) {
+    return x;
+  }
+  static __m256 widen(const float* x, int64_t lanes) {
+    return lanes == 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, lane_mask(lanes));
+  }
+  static __m256 round(__m256 value) { return value; }
+  static void store(float* out, __m256 value, int64_t lanes) {
+    if (lanes == 8) {
+      _mm256_storeu_ps(out, value);
+    } else {
+      _mm256_maskstore_ps(out, lane_mask(lanes), value);
+    }
+  }
+};
+
+// BFloat16 lanes: one K step is a pair of K, a float multiply-add for each.
+struct BF16 {
+  using T = at::BFloat16;
+  static constexpr int64_t kStep = 2;
+  static constexpr bool kLeadRow = false;
+  // The even (part 0) or odd (part 1) K of 8 outputs' pairs, as float: the upper half of a float is a bfloat16.
+  static __m256 weights(const at::BFloat16* w, int part) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm256_castsi256_ps(part == 0 ? _mm256_slli_epi32(pairs, 16)
+                                         : _mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  // A chunk of the tile's rows (k_count of K) as float, padded with zeros to k_padded (whole pairs: the
+  // packed weight is zero there); stride is set to k_padded.
+  static const float* rows_as_float(const at::BFloat16* x, int64_t rows, int64_t x_stride, int64_t k_count,
+                                    int64_t k_padded, std::vector<float>& buffer, int64_t& stride) {
+    stride = k_padded;
+    buffer.resize(rows * stride);
+    for (int64_t m = 0; m < rows; ++m) {
+      const at::BFloat16* row = x + m * x_stride;
+      float* dst = buffer.data() + m * stride;
+      int64_t k = 0;
+      for (; k + 8 <= k_count; k += 8) _mm256_storeu_ps(dst + k, widen(row + k, 8));
+      for (; k < stride; ++k) dst[k] = k < k_count ? static_cast<float>(row[k]) : 0.f;
+    }
+    return buffer.data();
+  }
+  static __m256 widen(const at::BFloat16* x, int64_t lanes) {
+    alignas(16) uint16_t bits[8] = {0};
+    const __m128i narrow = lanes == 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x))
+                                      : (std::copy_n(reinterpret_cast<const uint16_t*>(x), lanes, bits),
+                                         _mm_load_si128(reinterpret_cast<const __m128i*>(bits)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(narrow), 16));
+  }
+  // c10's round_to_nearest_even in each lane: the bfloat16 bits in the low half (NaN: 0x7FC0).
+  static __m256i nearest_even(__m256 value) {
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  }
+  static __m256 round(__m256 value) {  // to bfloat16 and back, as a materialised bfloat16 is
+    return _mm256_castsi256_ps(_mm256_slli_epi32(nearest_even(value), 16));
+  }
+  static void store(at::BFloat16* out, __m256 value, int64_t lanes) {
+    const __m256i bits = nearest_even(value);
+    const __m128i narrow = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    if (lanes == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), narrow);
+    } else {
+      alignas(16) uint16_t spill[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(spill), narrow);
+      std::copy_n(spill, lanes, reinterpret_cast<uint16_t*>(out));
+    }
+  }
+};
+
+constexpr int kTileRows = 6;          // input rows per register tile
+constexpr int64_t kChunkSteps = 64;    // K steps per chunk: 16 KB of a block, read from L1 by every tile
+
+// Rows x 8 * Vectors outputs of one chunk of a packed block, from `strip` (the chunk's first step at the
+// tile's first output): sums[m, j] (+)= sum over the chunk's steps of x[m, k] * w[k, j], x float rows
+// (x_stride apart, from the chunk's first K). The first chunk starts from zero, the last writes
+// out[m, j] = bias[j] + sums (`valid` outputs), the others keep the sums in `sums` (rows kBlock apart).
+template <typename L, int Rows, int Vectors>
+void block_tile(const float* x, int64_t x_stride, const typename L::T* strip, int64_t steps, bool first, bool last,
+                float* sums, const typename L::T* bias, typename L::T* out, int64_t out_stride, int64_t valid) {
+  __m256 acc[Rows][Vectors];
+XLLM_UNROLL
+  for (int m = 0; m < Rows; ++m)
+XLLM_UNROLL
+    for (int j = 0; j < Vectors; ++j) acc[m][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + m * kBlock + 8 * j);
+  for (int64_t s = 0; s < steps; ++s) {
+    const typename L::T* w = strip + s * kBlock * L::kStep;
+XLLM_UNROLL
+    for (int part = 0; part < L::kStep; ++part) {
+      __m256 wj[Vectors];
+XLLM_UNROLL
+      for (int j = 0; j < Vectors; ++j) wj[j] = L::weights(w + j * 8 * L::kStep, part);
+XLLM_UNROLL
+      for (int m = 0; m < Rows; ++m) {
+        const __m256 xm = _mm256_broadcast_ss(x + m * x_stride + s * L::kStep + part);
+XLLM_UNROLL
+        for (int j = 0; j < Vectors; ++j) acc[m][j] = _mm256_fmadd_ps(wj[j], xm, acc[m][j]);
+      }
+    }
+  }
+  if (!last) {
+XLLM_UNROLL
+    for (int m = 0; m < Rows; ++m)
+XLLM_UNROLL
+      for (int j = 0; j < Vectors; ++j) _mm256_storeu_ps(sums + m * kBlock + 8 * j, acc[m][j]);
+    return;
+  }
+XLLM_UNROLL
+  for (int j = 0; j < Vectors; ++j) {  // a fixed count, so that acc stays in registers
+    if (8 * j >= valid) continue;
+    const int64_t lanes = std::min<int64_t>(8, valid - 8 * j);
+    const __m256 b = bias != nullptr ? L::widen(bias + 8 * j, lanes) : _mm256_setzero_ps();
+XLLM_UNROLL
+    for (int m = 0; m < Rows; ++m) L::store(out + m * out_stride + 8 * j, _mm256_add_ps(acc[m][j], b), lanes);
+  }
+}
+
+// A tile of Rows rows over one chunk of the block's valid outputs, 8 * Vectors at a time.
+template <typename L, int Rows, int Vectors>
+void block_strips(const float* x, int64_t x_stride, const typename L::T* chunk, int64_t steps, bool first, bool last,
+                  float* sums, const typename L::T* bias, typename L::T* out, int64_t out_stride, int64_t valid) {
+  for (int64_t j0 = 0; j0 < valid; j0 += 8 * Vectors)
+    block_tile<L, Rows, Vectors>(x, x_stride, chunk + j0 * L::kStep, steps, first, last, sums + j0,
+                                 bias ? bias + j0 : nullptr, out + j0, out_stride, valid - j0);
+}
+
+// Every row of x through one packed block, a chunk of K at a time: tiles of kTileRows rows, then the remainder.
+template <typename L>
+void block_rows_any(const typename L::T* x, int64_t rows, int64_t x_stride, const typename L::T* block,
+                    int64_t k_size, const typename L::T* bias, typename L::T* out, int64_t out_stride, int64_t valid) {
+  thread_local std::vector<float> buffer, sums;
+  sums.resize(rows * kBlock);
+  const int64_t steps = (k_size + L::kStep - 1) / L::kStep;
+  for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
+    const int64_t s1 = std::min(steps, s0 + kChunkSteps), k0 = s0 * L::kStep;
+    const typename L::T* chunk = block + s0 * kBlock * L::kStep;
+    const bool first = s0 == 0, last = s1 == steps;
+    for (int64_t m0 = 0, tile = 0; m0 < rows; m0 += tile) {
+      tile = std::min<int64_t>(kTileRows, rows - m0);
+      if (L::kLeadRow && m0 == 0) tile = 1;
+      int64_t stride = x_stride;
+      const float* xt = L::rows_as_float(x + m0 * x_stride + k0, tile, x_stride, std::min(k_size, s1 * L::kStep) - k0,
+                                         (s1 - s0) * L::kStep, buffer, stride);
+      float* st = sums.data() + m0 * kBlock;
+      typename L::T* ot = out + m0 * out_stride;
+      switch (tile) {
+        case 1: block_strips<L, 1, 8>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+        case 2: block_strips<L, 2, 4>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+        case 3: block_strips<L, 3, 4>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+        case 4: block_strips<L, 4, 2>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+        case 5: block_strips<L, 5, 2>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+        default: block_strips<L, 6, 2>(xt, stride, chunk, s1 - s0, first, last, st, bias, ot, out_stride, valid); break;
+      }
+    }
+  }
+}
+#endif
+
+#if defined(XLLM_LINEAR_F32)
+
 template <typename L>
 void packed_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                         torch::Tensor& out) {
@@ -227,13 +432,13 @@ void packed_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, con
   });
 }
 
-#endif  // __AVX512F__
+#endif  // XLLM_LINEAR_F32
 
 bool packs(at::ScalarType dtype) {
-#if defined(__AVX512F__)
+#if defined(XLLM_LINEAR_F32)
   if (dtype == at::kFloat) return true;
 #endif
-#if defined(__AVX512BF16__)
+#if defined(XLLM_LINEAR_BF16)
   if (dtype == at::kBFloat16) return true;
 #endif
   return false;
@@ -363,10 +568,10 @@ torch::Tensor packed_linear_out(torch::Tensor input, torch::Tensor packed, c10::
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == dtype && bias->numel() == out.size(-1)),
               "packed_linear: bias");
   auto flat = out.view({x.size(0), out.size(-1)});
-#if defined(__AVX512F__)
+#if defined(XLLM_LINEAR_F32)
   if (dtype == at::kFloat) packed_linear_rows<F32>(x, packed, bias, flat);
 #endif
-#if defined(__AVX512BF16__)
+#if defined(XLLM_LINEAR_BF16)
   if (dtype == at::kBFloat16) packed_linear_rows<BF16>(x, packed, bias, flat);
 #endif
   return out;
@@ -394,7 +599,7 @@ void silu_and_mul_span(const at::BFloat16* gate, const at::BFloat16* up, at::BFl
 
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(XLLM_LINEAR_F32)
 
 struct Group {  // rows start .. start + count of the grouped pairs, all routed to expert
   int64_t expert, start, count;
@@ -419,6 +624,7 @@ void grouped_linear(const std::vector<Group>& groups, const typename L::T* x, in
 }
 
 // out[t] = sum over t's pairs, ascending expert, of round(weight * y[pair]), rounded to T after each add.
+#if defined(__AVX512F__)
 template <typename L>
 void combine_rows(const typename L::T* y, const float* weight, const int64_t* pair_of, const int64_t* token_start,
                   const int64_t* positions, int64_t tokens, int64_t width, typename L::T* out) {
@@ -438,6 +644,27 @@ void combine_rows(const typename L::T* y, const float* weight, const int64_t* pa
     }
   });
 }
+#else
+template <typename L>
+void combine_rows(const typename L::T* y, const float* weight, const int64_t* pair_of, const int64_t* token_start,
+                  const int64_t* positions, int64_t tokens, int64_t width, typename L::T* out) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      typename L::T* row = out + t * width;
+      for (int64_t h = 0; h < width; h += 8) {
+        const int64_t lanes = std::min<int64_t>(8, width - h);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = token_start[t]; i < token_start[t + 1]; ++i) {
+          const int64_t q = positions[i];
+          const __m256 scaled = _mm256_mul_ps(L::widen(y + q * width + h, lanes), _mm256_set1_ps(weight[pair_of[q]]));
+          acc = L::round(_mm256_add_ps(acc, L::round(scaled)));
+        }
+        L::store(row + h, acc, lanes);
+      }
+    }
+  });
+}
+#endif
 
 template <typename L>
 void packed_experts(const torch::Tensor& hidden, const float* weight, const int64_t* id, int64_t top_k,
@@ -490,7 +717,7 @@ void packed_experts(const torch::Tensor& hidden, const float* weight, const int6
   combine_rows<L>(y, weight, pair_of.data(), token_start.data(), positions.data(), tokens, width, out.data_ptr<T>());
 }
 
-#endif  // __AVX512F__
+#endif  // XLLM_LINEAR_F32
 
 }  // namespace
 
@@ -519,10 +746,10 @@ torch::Tensor packed_moe_experts_out(torch::Tensor hidden, torch::Tensor topk_we
   const auto local = ids.to(at::kLong).contiguous();
   const float* w = weights.data_ptr<float>();
   const int64_t* id = local.data_ptr<int64_t>();
-#if defined(__AVX512F__)
+#if defined(XLLM_LINEAR_F32)
   if (dtype == at::kFloat) packed_experts<F32>(hidden, w, id, ids.size(1), gate_up, down, intermediate, out);
 #endif
-#if defined(__AVX512BF16__)
+#if defined(XLLM_LINEAR_BF16)
   if (dtype == at::kBFloat16) packed_experts<BF16>(hidden, w, id, ids.size(1), gate_up, down, intermediate, out);
 #endif
   return out;
