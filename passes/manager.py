@@ -56,7 +56,7 @@ def default_pipeline(quantize: QuantizeOptions | None = None) -> list[GraphPass]
         merge_gate_up_projections,
         # Evaluate weight-only subgraphs (the merged weights) once, into stored weights.
         fold_constants,
-        # Quantize the (merged) linear weights, when asked: linears become xllm::linear_w8.
+        # Quantize the (merged) linear weights, when asked: linears become xllm::linear_w8 or xllm::linear_w4.
         quantize_linear_weights if quantize is None else QuantizeLinearWeights(quantize),
         # Fuse elementwise chains into xllm:: ops (residual+norm before plain norm: it is the larger).
         fuse_add_rms_norm,

@@ -15,10 +15,12 @@ from xllm_compiler.console import EXIT_OK, OneLineParser, RichStageListener, gua
 from xllm_compiler.options import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DECODE_BUCKETS,
+    DEFAULT_GROUP_SIZE,
     DEFAULT_MICRO_BATCH_MIN_TOKENS,
     DEFAULT_PREFILL_BUCKETS,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
+    GROUP_SIZES,
     MAX_SEQ_LEN_CAP,
     QUANTIZE_CHOICES,
 )
@@ -112,7 +114,15 @@ def build_parser() -> OneLineParser:
         choices=QUANTIZE_CHOICES,
         default="none",
         help="linear-layer weights quantized at compile time: int8 = symmetric, per output channel, float32 "
-        "scales (default %(default)s)",
+        "scales; int4 = asymmetric, per group of --group-size inputs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        metavar="N",
+        help=f"with --quantize int4: inputs per scale and offset, one of {_sizes(GROUP_SIZES)} "
+        f"(default {DEFAULT_GROUP_SIZE}: 4.5 bits a weight)",
     )
     parser.add_argument(
         "--no-quantize-lm-head", action="store_true", help="with --quantize: keep the LM head's weight in --dtype"
@@ -191,7 +201,8 @@ def summary_rows(report: dict[str, Any], out_dir: Path) -> list[tuple[str, Text]
     (in yellow). Values are Text, never markup: paths and messages may hold brackets."""
     model, graph = report["model"], report["graph"]
     tp = f", tensor-parallel {model['tensor_parallel']}" if model.get("tensor_parallel", 1) > 1 else ""
-    quantized = f", {model['quantize']} weights" if model.get("quantize") else ""
+    group = f" (group {model['group_size']})" if model.get("group_size") else ""
+    quantized = f", {model['quantize']}{group} weights" if model.get("quantize") else ""
     rows = [
         ("model", f"{model['architecture']}, {model['parameters']:,} parameters, {model['dtype']}{quantized}{tp}"),
         ("graph", f"{graph['nodes_captured']} -> {graph['nodes_after_passes']} nodes"),
@@ -283,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_speculative_tokens=args.num_speculative_tokens,
             quantize=args.quantize,
             quantize_lm_head=not args.no_quantize_lm_head,
+            group_size=args.group_size,
             passes=args.passes,
             disable_passes=tuple(args.disable_pass),
             verify=args.verify,

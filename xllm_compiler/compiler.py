@@ -71,6 +71,7 @@ from xllm_compiler.ops import native
 from xllm_compiler.options import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DECODE_BUCKETS,
+    DEFAULT_GROUP_SIZE,
     DEFAULT_PREFILL_BUCKETS,
     MAX_SEQ_LEN_CAP,
     CompileOptions,
@@ -242,7 +243,7 @@ def plan_compile(
             "ep": options.ep,
             "expert_placement": experts[0].to_json() if experts else None,
             "num_speculative_tokens": options.num_speculative_tokens,
-            "quantize": [options.quantize, options.quantize_lm_head] if options.quantize else None,
+            "quantize": [options.quantize, options.quantize_lm_head, options.group_size] if options.quantize else None,
             "buckets": [b.to_json() for b in buckets],
             "passes": [[p.name, p.version, p.identity()] for p in [*passes, *bucket_passes]],
             "trace": sorted((phase, sorted(c.items())) for phase, c in trace.sizes.items()) if trace else None,
@@ -278,9 +279,14 @@ def graph_passes_for(options: CompileOptions) -> list[GraphPass]:
     if options.quantize and options.verify:
         raise OptionsError(
             f"--verify holds every pass to float tolerance, and quantize '{options.quantize}' changes results by "
-            "design (int8 rounding, about 1% of the largest logit): verify the unquantized compile instead"
+            "design (weight rounding: about 1% of the largest logit at int8, more at int4): verify the unquantized "
+            "compile instead"
         )
-    quantize = QuantizeOptions(options.quantize, options.quantize_lm_head) if options.quantize else None
+    quantize = (
+        QuantizeOptions(options.quantize, options.quantize_lm_head, options.group_size or DEFAULT_GROUP_SIZE)
+        if options.quantize
+        else None
+    )
     passes = select_passes(options.passes, options.disable_passes, pipeline=default_pipeline(quantize))
     if options.quantize and quantize_linear_weights.name not in {p.name for p in passes}:
         raise OptionsError(
@@ -378,6 +384,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 "tensor_parallel": options.tp,
                 "expert_parallel": options.ep,
                 "quantize": options.quantize,
+                "group_size": options.group_size,
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records[0]],
@@ -559,4 +566,5 @@ def _quantization(options: CompileOptions, records: list) -> QuantizationRecord 
     if not options.quantize:
         return None
     layers = sum(r.matches for r in records if r.name == quantize_linear_weights.name)
-    return QuantizationRecord(options.quantize, "per_output_channel", options.quantize_lm_head, layers)
+    granularity = "per_group" if options.quantize == "int4" else "per_output_channel"
+    return QuantizationRecord(options.quantize, granularity, options.quantize_lm_head, layers, options.group_size)

@@ -6,10 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xllm_compiler.errors import OptionsError
+from xllm_compiler.ops.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 DEFAULT_DECODE_BUCKETS = (1, 2, 4, 8)
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512)
 #: --max-seq-len defaults to the model's max_position_embeddings, capped here: the KV pool and rope
@@ -75,10 +76,14 @@ class CompileOptions:
     """Proposals a speculative verify step checks per sequence (k); k > 0 adds verify buckets of b·(k+1)
     rows for each decode batch size b (xllm_compiler/buckets/policy.py), and is generate()'s default k."""
     quantize: str | None = None
-    """Weight quantization of the linear layers: 'int8' (symmetric, per output channel, float32 scales;
-    passes/quant/quantize_linear_weights.py); None keeps the weights in ``dtype``."""
+    """Weight quantization of the linear layers: 'int8' (symmetric, per output channel, float32 scales),
+    'int4' (asymmetric, per group of ``group_size`` inputs; passes/quant/quantize_linear_weights.py); None
+    keeps the weights in ``dtype``."""
     quantize_lm_head: bool = True
     """With quantize: the LM head too (25% of a decode step's weight bytes on the ~100M Llama)."""
+    group_size: int | None = None
+    """With quantize 'int4': inputs per scale and offset, one of ops/quant.py's GROUP_SIZES
+    (DEFAULT_GROUP_SIZE when not given); None for any other scheme."""
 
 
 def bucket_list(values: Iterable[int] | str | None, what: str) -> tuple[int, ...] | None:
@@ -128,6 +133,7 @@ def make_options(**kwargs) -> CompileOptions:
     disabled = kwargs.get("disable_passes", ())
     if isinstance(disabled, str):
         disabled = (disabled,)
+    quantize = _quantize_scheme(kwargs.get("quantize"))
     return CompileOptions(
         dtype=dtype,
         device=device,
@@ -152,17 +158,33 @@ def make_options(**kwargs) -> CompileOptions:
             kwargs.get("micro_batch_min_tokens", DEFAULT_MICRO_BATCH_MIN_TOKENS), "micro_batch_min_tokens"
         ),
         num_speculative_tokens=_non_negative(kwargs.get("num_speculative_tokens", 0), "num_speculative_tokens"),
-        quantize=_quantize_scheme(kwargs.get("quantize")),
+        quantize=quantize,
         quantize_lm_head=bool(kwargs.get("quantize_lm_head", True)),
+        group_size=_group_size(quantize, kwargs.get("group_size")),
     )
 
 
 def _quantize_scheme(value) -> str | None:
-    """'int8' as asked; None or 'none' for no quantization; anything else refused by name."""
+    """'int8' or 'int4' as asked; None or 'none' for no quantization; anything else refused by name."""
     if value is None or value == "none":
         return None
     if value not in QUANTIZE_CHOICES:
         raise OptionsError(f"quantize '{value}' is not a supported scheme (supported: {', '.join(QUANTIZE_CHOICES)})")
+    return value
+
+
+def _group_size(quantize: str | None, value) -> int | None:
+    """int4's group size (DEFAULT_GROUP_SIZE unless given); one given with any other scheme, or off the
+    choices, refused by name."""
+    if quantize != "int4":
+        if value is not None:
+            raise OptionsError(f"group_size {value!r} is for quantize 'int4' only, got quantize {quantize or 'none'!r}")
+        return None
+    if value is None:
+        return DEFAULT_GROUP_SIZE
+    if isinstance(value, bool) or value not in GROUP_SIZES:
+        sizes = ", ".join(map(str, GROUP_SIZES))
+        raise OptionsError(f"group_size must be one of {sizes}, got {value!r}")
     return value
 
 

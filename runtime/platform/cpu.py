@@ -12,8 +12,10 @@
   ``packed_*`` form (ops/moe.py): one C++ call over the stacks packed once per expert, each expert's rows
   through the same packed linear kernel; where the kernels were not built, the grouped composite.
 - every ``xllm::linear_w8`` (int8 weights, a compile with ``--quantize int8``) runs ops/cpu_quant.cpp's
-  VNNI kernel on its int8 weight packed once, where it was built and takes the input dtype (float32,
-  bfloat16); elsewhere the op's composite runs on the plain int8 weight.
+  kernel (AVX512-VNNI, else AVX2) on its int8 weight packed once, where it was built and takes the input
+  dtype (float32, bfloat16); elsewhere the op's composite runs on the plain int8 weight.
+- every ``xllm::linear_w4`` (``--quantize int4``) likewise runs ops/cpu_int4.cpp's AVX2 kernel on its
+  weight, scales and offsets packed once (``pack_int4_weight``, ``pack_int4_scales``).
 
 The packing happens as the weights are read (``weight_preparer``, for runtime/weights.py): each linear
 weight is packed the moment it arrives and its plain copy dropped, so a load never holds both forms of
@@ -25,6 +27,7 @@ of the weights. Only a weight some other op reads keeps its plain copy too.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +42,8 @@ aten = torch.ops.aten
 LINEAR = (aten.linear.default, aten.linear.out)
 EMBEDDING = (aten.embedding.default, aten.embedding.out)
 INT8_LINEAR = (torch.ops.xllm.linear_w8.default, torch.ops.xllm.linear_w8_out.default)
+INT4_LINEAR = (torch.ops.xllm.linear_w4.default, torch.ops.xllm.linear_w4_out.default)
+INT4_PARTS = ("qweight", "scale", "offset")  # the stored tensors of an INT4_LINEAR op, each packed for its role
 xllm = torch.ops.xllm
 EXPERTS = (xllm.moe_experts.default, xllm.moe_experts_out.default, xllm.fused_moe.default, xllm.fused_moe_out.default)
 EXPERT_WEIGHTS = ("gate_up", "down")  # the stacked [E, N, K] weights of an EXPERTS op, packed like linear weights
@@ -50,7 +55,8 @@ def lowered_targets() -> frozenset:
     composites) and the packed linear layers."""
     native = native_kernels()
     packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
-    packed += [native.int8_linear_out, native.int8_linear, *moe.PACKED_KERNELS.values()]
+    packed += [native.int8_linear_out, native.int8_linear, native.int4_linear_out, native.int4_linear]
+    packed += moe.PACKED_KERNELS.values()
     return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *(packed if native is not None else [])])
 
 
@@ -78,10 +84,13 @@ class CpuPlatform(Platform):
         as_linear, as_gather, as_other, as_experts = _weight_uses(graphs)
         dtypes = packable_dtypes()
         as_int8 = _int8_linear_weights(graphs)
+        as_int4 = _int4_linear_packers(graphs)
 
         def prepare(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
             if name in as_int8:  # read only by xllm::linear_w8, on inputs the int8 kernel takes
                 return {name + PACKED_SUFFIX: native_kernels().pack_int8_weight(tensor)}
+            if name in as_int4:  # likewise for xllm::linear_w4: its weight, scales or offsets
+                return {name + PACKED_SUFFIX: as_int4[name](tensor)}
             if name in as_linear and tensor.dtype in dtypes and tensor.dim() == 2:
                 packed = {name + PACKED_SUFFIX: native_kernels().pack_linear_weight(tensor)}
                 return {**packed, name: tensor} if name in as_other else packed
@@ -102,6 +111,8 @@ class CpuPlatform(Platform):
                     continue
                 if node.target in INT8_LINEAR and _packed(_argument(node, "qweight")) in weights:
                     _use_int8_linear(graph, node)
+                elif node.target in INT4_LINEAR and all(_packed(_argument(node, p)) in weights for p in INT4_PARTS):
+                    _use_int4_linear(graph, node)
                 elif node.target in EXPERTS and _experts_packed(node, weights):
                     _use_packed_experts(graph, node)
                 elif node.target.namespace == "xllm" and node.target.name() in kernels:
@@ -241,6 +252,60 @@ def _int8_linear_weights(graphs: dict[str, fx.Graph]) -> set[str]:
                 ok = _argument(user, "qweight") is node and isinstance(meta, dict) and meta.get("dtype") in dtypes
                 (packable if ok else refused).add(node.target)
     return packable - refused
+
+
+def _int4_linear_packers(graphs: dict[str, fx.Graph]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Stored tensors that only xllm::linear_w4 reads, each always in one role (its qweight, scale or
+    offset, for one K and group size), on inputs of a dtype the int4 kernel (ops/cpu_int4.cpp) takes: each
+    with the packing of its role (an empty dict where the kernel was not built)."""
+    native = native_kernels()
+    if native is None:
+        return {}
+    dtypes = set(native.int4_linear_dtypes())
+    roles: dict[str, set[tuple | None]] = {}
+    for graph in graphs.values():
+        for node in graph.nodes:
+            for user in node.users if node.op == "get_attr" else ():
+                roles.setdefault(node.target, set()).add(_int4_role(user, node, dtypes))
+    packers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name, found in roles.items():
+        if len(found) != 1 or None in found:
+            continue
+        (role,) = found
+        if role[0] == "qweight":
+            packers[name] = lambda t, k=role[1], g=role[2]: native.pack_int4_weight(t, k, g)
+        else:
+            packers[name] = native.pack_int4_scales
+    return packers
+
+
+def _int4_role(user: fx.Node, node: fx.Node, dtypes: set[str]) -> tuple | None:
+    """What stored tensor ``node`` is to ``user`` where the int4 kernel can take it: ('qweight', K, group
+    size), ('scale',) or ('offset',); None if ``user`` is no int4 linear, or one the kernel does not take."""
+    if user.op != "call_function" or user.target not in INT4_LINEAR:
+        return None
+    x = _argument(user, "x")
+    meta = x.meta.get("xllm_meta") if isinstance(x, fx.Node) else None
+    parts = [part for part in INT4_PARTS if _argument(user, part) is node]
+    if not isinstance(meta, dict) or meta.get("dtype") not in dtypes or len(parts) != 1:
+        return None
+    if sum(a is node for a in [*user.args, *user.kwargs.values()]) != 1:
+        return None
+    return (parts[0], meta["shape"][-1], _argument(user, "group_size")) if parts[0] == "qweight" else (parts[0],)
+
+
+def _use_int4_linear(graph: fx.Graph, node: fx.Node) -> None:
+    native = native_kernels()
+    qweight, scale, offset = (_argument(node, part) for part in INT4_PARTS)
+    x, group_size, bias = (_argument(node, name) for name in ("x", "group_size", "bias"))
+    with graph.inserting_before(node):
+        packed = [graph.get_attr(_packed(part)) for part in (qweight, scale, offset)]
+    if node.target is torch.ops.xllm.linear_w4_out.default:
+        node.target, node.args = native.int4_linear_out, (x, *packed, group_size, bias, _argument(node, "out"))
+    else:
+        out_features = qweight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain is gone
+        node.target, node.args = native.int4_linear, (x, *packed, group_size, bias, out_features)
+    node.kwargs = {}
 
 
 def _use_int8_linear(graph: fx.Graph, node: fx.Node) -> None:

@@ -128,18 +128,29 @@ _WEIGHT_QUANT_MATMUL = (
     "bfloat16; weight int8 (K, N): qweight.t(); per-channel antiquant_scale (N,) in x's dtype; bias float32 for "
     "a bfloat16 x; no out= form]"
 )
+#: Per-group int4 (unrun here: no NPU). From the same docs: an int4 weight is int32 values in [-8, 7] packed
+#: eight to an int32 by npu_convert_weight_to_int4pack ((K, N) -> (K, N/8); N a multiple of 8); the kernel
+#: dequantizes (weight + antiquant_offset) * antiquant_scale, per group of shape (ceil(K / group), N).
+_WEIGHT_QUANT_MATMUL_INT4 = (
+    "torch_npu.npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor? "
+    "antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor? bias=None, "
+    "int antiquant_group_size=0, int inner_precise=0, int? weight_dtype=None) -> Tensor  [x (M, K) float16 or "
+    "bfloat16; weight int32 (K, N/8) = torch_npu.npu_convert_weight_to_int4pack(Tensor weight (K, N) int32 in "
+    "[-8, 7], int inner_k_tiles=0); antiquant_scale and antiquant_offset (ceil(K/g), N) in x's dtype; "
+    "antiquant_group_size g a multiple of 32 in [32, K-1]; bias float32 for a bfloat16 x; no out= form]"
+)
 _MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_moe_experts_out")
 _FUSED_MOE_COMPOSITE = Kernel("composite", "xllm_compiler.ops.moe.capture_safe_fused_moe_out")
 _MLA_COMPOSITE = Kernel("composite", "xllm_compiler.ops.mla.capture_safe_mla_attention")
 _LATENT_COMPOSITE = Kernel("composite", "xllm_compiler.ops.mla.capture_safe_latent_attention")
 
 #: torch_npu 2.13.0. The four ``*_out`` forms of the elementwise ops have no NPU kernel (none of
-#: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload), nor has linear_w8's
-#: (npu_weight_quant_batchmatmul): on NPU they stay functional. Attention's out form does:
+#: npu_rms_norm, npu_add_rms_norm, npu_swiglu, npu_rotary_mul has an out= overload), nor have linear_w8's
+#: and linear_w4's (npu_weight_quant_batchmatmul): on NPU they stay functional. Attention's out form does:
 #: _npu_paged_attention writes into ``out``.
 NPU_LOWERING = Lowering(
     platform="npu",
-    version=4,
+    version=5,
     kernels={
         "xllm::rms_norm": (
             Kernel(
@@ -173,6 +184,7 @@ NPU_LOWERING = Lowering(
         "xllm::fused_moe": (_FUSED_MOE_COMPOSITE,),
         "xllm::fused_moe_out": (_FUSED_MOE_COMPOSITE,),
         "xllm::linear_w8": (Kernel("torch_npu.npu_weight_quant_batchmatmul", _WEIGHT_QUANT_MATMUL),),
+        "xllm::linear_w4": (Kernel("torch_npu.npu_weight_quant_batchmatmul", _WEIGHT_QUANT_MATMUL_INT4),),
         # MLA: the capture-safe composites (npu_fused_infer_attention_score's query_rope/key_rope inputs over a
         # latent cache are the candidate kernel; not wired without a device to check them on).
         "xllm::mla_attention": (_MLA_COMPOSITE,),

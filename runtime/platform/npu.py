@@ -298,6 +298,52 @@ def _linear_w8(
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+#: npu_weight_quant_batchmatmul's per-group limits: K and N at most this, the group a multiple of 32 below K.
+_WEIGHT_QUANT_MAX_DIM = 65535
+#: npu_convert_weight_to_int4pack packs eight int4 values of a row into one int32.
+_INT4_PER_INT32 = 8
+#: torch_npu's int4 is signed ([-8, 7]); ours is unsigned ([0, 15]): q = signed + 8.
+_INT4_ZERO = 8
+
+
+def _linear_w4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """xllm::linear_w4 as npu_weight_quant_batchmatmul's per-group int4 case. Written to torch_npu 2.13.0's
+    docs and never run (no NPU here; tests/quant/test_lowering.py checks it against a stand-in of the
+    documented contract, which pins shapes, dtypes and the offset convention, not the device's packing).
+
+    torch_npu takes int4 as signed values ``s`` in [-8, 7] and dequantizes ``(s + offset_npu) * scale``; ours
+    are ``q * scale + offset`` with q in [0, 15], so ``s = q - 8`` and ``offset_npu = offset / scale + 8``,
+    both (G, N) in x's dtype (a group that spans zero has |offset_npu| <= 8, which bfloat16 rounds by at most
+    1/64 of a step; a group far from zero loses more). Per-group int4 is documented for Atlas A2 and A3 only.
+    The weight is unpacked to int32 (K, N) and packed by npu_convert_weight_to_int4pack on every call: a
+    load-time repack (``Platform.lower`` owns the weights) is the next step once a device can measure it.
+    x not float16 or bfloat16, N not a multiple of 8, a group not below K, or K or N over 65535: the
+    composite."""
+    k_size, n_size = x.shape[-1], qweight.shape[0]
+    fits = n_size % _INT4_PER_INT32 == 0 and group_size < k_size and max(k_size, n_size) <= _WEIGHT_QUANT_MAX_DIM
+    if x.dtype not in (torch.float16, torch.bfloat16) or not fits:
+        return quant.linear_w4_kernel(x, qweight, scale, offset, group_size, bias)
+    npu = _torch_npu()
+    signed = quant.unpack_int4(qweight, k_size).to(torch.int32) - _INT4_ZERO
+    weight = npu.npu_convert_weight_to_int4pack(signed.t().contiguous())
+    antiquant_scale = scale.t().contiguous().to(x.dtype)
+    antiquant_offset = (offset / scale + _INT4_ZERO).t().contiguous().to(x.dtype)
+    if bias is not None and x.dtype == torch.bfloat16:
+        bias = bias.float()
+    rows = x.reshape(-1, k_size)
+    y = npu.npu_weight_quant_batchmatmul(
+        rows, weight, antiquant_scale, antiquant_offset, bias=bias, antiquant_group_size=group_size
+    )
+    return y.reshape(*x.shape[:-1], n_size)
+
+
 #: The kernel of each op that runs one kernel in every graph (registered for the "npu" key).
 KERNELS: dict[str, Callable] = {
     "xllm::rms_norm": _rms_norm,
@@ -309,6 +355,7 @@ KERNELS: dict[str, Callable] = {
     **moe.CAPTURE_SAFE_KERNELS,  # the table's composites: no NPU kernel yet
     **mla.CAPTURE_SAFE_KERNELS,
     "xllm::linear_w8": _linear_w8,
+    "xllm::linear_w4": _linear_w4,
 }
 #: Attention's kernels by phase (``lower`` puts them in the graphs).
 PHASE_KERNELS: dict[str, dict[str, Callable]] = {

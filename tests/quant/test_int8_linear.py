@@ -68,7 +68,7 @@ def test_composite_is_the_weight_only_linear(rows, shape):
 
 def test_pack_int8_weight_matches_the_layout():
     if not int8_dtypes():
-        pytest.skip("this build has no int8 kernel (no AVX512-VNNI)")
+        pytest.skip("this build has no int8 kernel (no AVX512-VNNI, no AVX2)")
     q = torch.randint(-127, 128, (100, 37), dtype=torch.int8)
     padded = torch.zeros(128, 40, dtype=torch.int8)
     padded[:100, :37] = q
@@ -111,8 +111,10 @@ def test_native_kernel_takes_a_batch_of_3d_rows_and_no_bias():
     if "float32" not in int8_dtypes():
         pytest.skip("this build has no float32 int8 kernel")
     module = native.native_kernels()
+    torch.manual_seed(0)
     q, scale = quantize_per_channel(torch.randn(70, 48))
     x = torch.randn(2, 5, 48)
     y = module.int8_linear(x, module.pack_int8_weight(q), scale, None, 70)
     assert y.shape == (2, 5, 70)
-    torch.testing.assert_close(y.reshape(10, 70), emulate(x.reshape(10, 48), q, scale, None))
+    expected = emulate(x.reshape(10, 48), q, scale, None)  # float32 sums in another order: scaled tolerance
+    torch.testing.assert_close(y.reshape(10, 70), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

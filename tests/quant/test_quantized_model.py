@@ -88,8 +88,8 @@ def test_greedy_tokens_of_the_trained_tiny_model_mostly_agree(tmp_path):
 
 def test_bad_quantize_options_are_refused(checkpoints, tmp_path):
     model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM")
-    with pytest.raises(OptionsError, match="quantize 'int4' is not a supported scheme"):
-        xllm_compiler.compile(model_dir, tmp_path / "a", quantize="int4")
+    with pytest.raises(OptionsError, match="quantize 'int3' is not a supported scheme"):
+        xllm_compiler.compile(model_dir, tmp_path / "a", quantize="int3")
     with pytest.raises(OptionsError, match="needs the pass quantize_linear_weights"):
         xllm_compiler.compile(model_dir, tmp_path / "b", quantize="int8", disable_passes=["quantize_linear_weights"])
     with pytest.raises(OptionsError, match="--verify"):
@@ -110,7 +110,7 @@ def test_the_cli_refuses_an_unknown_scheme_in_one_line(checkpoints, tmp_path, ca
     model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM")
     capsys.readouterr()  # what writing the checkpoint printed
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(model_dir), str(tmp_path / "out"), "--quantize", "int4"])
+        cli.main([str(model_dir), str(tmp_path / "out"), "--quantize", "int3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "int4" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "int3" in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -120,16 +120,20 @@ class LoweringRecord:
 @dataclass(frozen=True)
 class QuantizationRecord:
     """How the linear layers' weights were quantized (passes/quant): the graphs call ``xllm::linear_w8`` on
-    ``<weight>_int8`` tensors and their float32 ``<weight>_scale``."""
+    ``<weight>_int8`` tensors and their float32 ``<weight>_scale`` (int8), or ``xllm::linear_w4`` on packed
+    ``<weight>_int4`` tensors and their float32 ``<weight>_scale`` and ``<weight>_offset`` (int4)."""
 
     scheme: str
-    """'int8': symmetric, values in [-127, 127]."""
+    """'int8': symmetric, values in [-127, 127]; 'int4': asymmetric, values in [0, 15] above an offset."""
     granularity: str
-    """'per_output_channel': one scale per row of each weight."""
+    """'per_output_channel' (int8): one scale per row of each weight; 'per_group' (int4): one scale and
+    offset per ``group_size`` consecutive inputs of each row."""
     lm_head: bool
     """Whether the LM head is among them."""
     linear_layers: int
     """How many linear layers the compile rewrote."""
+    group_size: int | None = None
+    """int4's group size; None for int8 (and in artifacts written before int4 existed)."""
 
 
 @dataclass(frozen=True)

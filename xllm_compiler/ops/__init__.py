@@ -26,6 +26,8 @@ KERNELS = {
     "xllm::fused_moe_out": moe.fused_moe_out_kernel,
     "xllm::linear_w8": quant.linear_w8_kernel,
     "xllm::linear_w8_out": quant.linear_w8_out_kernel,
+    "xllm::linear_w4": quant.linear_w4_kernel,
+    "xllm::linear_w4_out": quant.linear_w4_out_kernel,
     "xllm::mla_attention": mla.mla_attention_kernel,
     "xllm::latent_attention": mla.latent_attention_kernel,
 }
@@ -41,6 +43,7 @@ OUT_FORMS = {
     "xllm::moe_experts": ("xllm::moe_experts_out", ("out",)),
     "xllm::fused_moe": ("xllm::fused_moe_out", ("out",)),
     "xllm::linear_w8": ("xllm::linear_w8_out", ("out",)),
+    "xllm::linear_w4": ("xllm::linear_w4_out", ("out",)),
 }
 #: The capture-safe kernel of each op whose KERNELS entry takes a host-side path on the CPU: what CUDA
 #: and NPU graphs run where no fused kernel takes the op, and what the capture-safety audit checks.

@@ -11,8 +11,14 @@
 // [ceil(N/64), ceil(K/4), 64, 4], each weight plus 128. vpdpbusd multiplies unsigned bytes by signed ones:
 // the weights are the unsigned side, the broadcast input bytes the signed side, and the 128 * sum(x_q) the
 // bias adds to every output is taken back once per row. A register tile of up to 6 rows x 64 outputs, as in
-// cpu_linear.cpp. Built where the compiler targets AVX512-VNNI (float32 inputs) and AVX512-BF16 (bfloat16);
-// elsewhere int8_linear_dtypes() is empty and the op runs its composite.
+// cpu_linear.cpp. Built where the compiler targets AVX512-VNNI (float32 inputs) and AVX512-BF16 (bfloat16).
+//
+// Without VNNI, AVX2 (with FMA) runs the same packed weights with vpmaddubsw, which multiplies unsigned bytes
+// by signed ones and adds pairs into int16 with saturation: 255 * 127 * 2 does not fit, so the weights are
+// taken back to signed (the +128 flipped off again, shared by every row of the tile) and each product is
+// |x| * (w with the sign of x) (vpsignb), at most 2 * 127 * 127 per pair, as llama.cpp's AVX2 Q8_0 dot
+// does; vpmaddwd then widens the pairs to int32. Elsewhere int8_linear_dtypes() is empty and the op runs its
+// composite.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -22,6 +28,20 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include "cpu_avx2.h"
+
+// Which kernel this build has: AVX512-VNNI (BF16 for bfloat16), else AVX2 with FMA for both dtypes.
+#if defined(__AVX512VNNI__)
+#define XLLM_INT8_VNNI 1
+#define XLLM_INT8_F32 1
+#if defined(__AVX512BF16__)
+#define XLLM_INT8_BF16 1
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#define XLLM_INT8_AVX2 1
+#define XLLM_INT8_F32 1
+#define XLLM_INT8_BF16 1
+#endif
 
 namespace {
 
@@ -29,7 +49,7 @@ constexpr int64_t kBlock = 64;  // outputs per packed block: four 16-lane vector
 constexpr int64_t kStep = 4;    // K per 32-bit lane of vpdpbusd
 constexpr int kTileRows = 6;
 
-#if defined(__AVX512VNNI__)
+#if defined(XLLM_INT8_VNNI)
 
 // 16 lanes of input as float32 (bfloat16 widened exactly); lanes past ``mask`` read as zero.
 inline __m512 load16(const float* x, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, x); }
@@ -156,13 +176,106 @@ void int8_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const
   });
 }
 
-#endif  // __AVX512VNNI__
+#elif defined(XLLM_INT8_AVX2)
+using namespace xllm_avx2;
+
+// Rows x 8 * Vectors outputs (from vector v0 of the block) of one packed block from int8 rows:
+// out[m, j] = (sum_k q[m, k] * w[k, j]) * x_scale[m] * w_scale[j] + bias[j].
+template <typename T, int Rows, int Vectors>
+void block_tile(const int8_t* q, int64_t q_stride, const float* x_scale, const uint8_t* block, int64_t steps, int v0,
+                const float* w_scale, const T* bias, T* out, int64_t out_stride, int64_t valid) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256i acc[Rows][Vectors];
+  for (int m = 0; m < Rows; ++m)
+    for (int v = 0; v < Vectors; ++v) acc[m][v] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* w = block + s * kBlock * kStep + 32 * v0;
+    __m256i x[Rows], magnitude[Rows];
+    for (int m = 0; m < Rows; ++m) {
+      x[m] = broadcast4(q + m * q_stride + s * kStep);
+      magnitude[m] = _mm256_abs_epi8(x[m]);
+    }
+    for (int v = 0; v < Vectors; ++v) {
+      const __m256i weights = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * v)), flip);
+      for (int m = 0; m < Rows; ++m) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude[m], _mm256_sign_epi8(weights, x[m]));
+        acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int v = 0; v < Vectors; ++v) {
+    const int64_t first = 8 * (v0 + v);
+    if (first >= valid) break;
+    const int64_t lanes = std::min<int64_t>(8, valid - first);
+    const __m256 scales = load8(w_scale + first, lanes);
+    const __m256 b = bias != nullptr ? load8(bias + first, lanes) : _mm256_setzero_ps();
+    for (int m = 0; m < Rows; ++m) {
+      const __m256 value = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][v]), scales), _mm256_set1_ps(x_scale[m]));
+      store8(out + m * out_stride + first, _mm256_add_ps(value, b), lanes);
+    }
+  }
+}
+
+// A block's 64 outputs for up to 3 rows: 1 row x 64, 2 x 32 or 3 x 16 outputs per tile (16 registers).
+template <typename T, int Rows>
+void block_rows(const int8_t* q, int64_t q_stride, const float* x_scale, const uint8_t* block, int64_t steps,
+                const float* w_scale, const T* bias, T* out, int64_t out_stride, int64_t valid) {
+  constexpr int kVectors = Rows == 1 ? 8 : Rows == 2 ? 4 : 2;
+  for (int v0 = 0; v0 < 8 && 8 * v0 < valid; v0 += kVectors)
+    block_tile<T, Rows, kVectors>(q, q_stride, x_scale, block, steps, v0, w_scale, bias, out, out_stride, valid);
+}
+
+template <typename T>
+void int8_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scale,
+                      const c10::optional<torch::Tensor>& bias, torch::Tensor& out) {
+  const int64_t rows = x.size(0), k_size = x.size(1), x_stride = x.stride(0), outputs = out.size(1);
+  const int64_t steps = packed.size(1), q_stride = steps * kStep;
+  thread_local std::vector<int8_t> q_rows;
+  thread_local std::vector<float> x_scales;
+  if (static_cast<int64_t>(q_rows.size()) < rows * q_stride) q_rows.resize(rows * q_stride);
+  if (static_cast<int64_t>(x_scales.size()) < rows) x_scales.resize(rows);
+  int8_t* q = q_rows.data();
+  float* x_scale = x_scales.data();
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float top = abs_max(xp + m * x_stride, k_size);
+      quantize_span(xp + m * x_stride, k_size, top > 0.f ? 127.f / top : 0.f, q + m * q_stride);
+      std::fill(q + m * q_stride + k_size, q + (m + 1) * q_stride, int8_t{0});
+      x_scale[m] = top / 127.f;
+    }
+  });
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = w_scale.data_ptr<float>();
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const int64_t block_bytes = packed.stride(0);
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = wp + b * block_bytes;
+      const int64_t valid = std::min<int64_t>(kBlock, outputs - b * kBlock);
+      const T* block_bias = bp ? bp + b * kBlock : nullptr;
+      const float* ws = sp + b * kBlock;
+      for (int64_t m0 = 0; m0 < rows; m0 += 3) {
+        const int8_t* qt = q + m0 * q_stride;
+        T* ot = op + m0 * outputs + b * kBlock;
+        switch (std::min<int64_t>(3, rows - m0)) {
+          case 1: block_rows<T, 1>(qt, q_stride, x_scale + m0, block, steps, ws, block_bias, ot, outputs, valid); break;
+          case 2: block_rows<T, 2>(qt, q_stride, x_scale + m0, block, steps, ws, block_bias, ot, outputs, valid); break;
+          default: block_rows<T, 3>(qt, q_stride, x_scale + m0, block, steps, ws, block_bias, ot, outputs, valid); break;
+        }
+      }
+    }
+  });
+}
+
+#endif  // XLLM_INT8_VNNI, XLLM_INT8_AVX2
 
 bool runs(at::ScalarType dtype) {
-#if defined(__AVX512VNNI__)
+#if defined(XLLM_INT8_F32)
   if (dtype == at::kFloat) return true;
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(XLLM_INT8_BF16)
   if (dtype == at::kBFloat16) return true;
 #endif
   return false;
@@ -209,10 +322,10 @@ torch::Tensor int8_linear_out(torch::Tensor input, torch::Tensor packed, torch::
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == dtype && bias->numel() == out.size(-1)),
               "int8_linear: bias");
   auto flat = out.view({x.size(0), out.size(-1)});
-#if defined(__AVX512VNNI__)
+#if defined(XLLM_INT8_F32)
   if (dtype == at::kFloat) int8_linear_rows<float>(x, packed, scale, bias, flat);
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(XLLM_INT8_BF16)
   if (dtype == at::kBFloat16) int8_linear_rows<at::BFloat16>(x, packed, scale, bias, flat);
 #endif
   return out;

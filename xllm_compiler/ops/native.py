@@ -1,5 +1,6 @@
 """The CPU kernels of cpu_kernels.cpp (fused xllm ops, decode attention), cpu_linear.cpp (packed
-linear layers) and cpu_quant.cpp (int8-weight linear layers), built once per machine with torch's extension builder.
+linear layers), cpu_quant.cpp (int8-weight linear layers) and cpu_int4.cpp (int4-weight ones), built
+once per machine with torch's extension builder.
 
 The build takes 25-60 s on two cores (45 s of CPU time, 1.6 GB), so the first compile for the cpu
 platform does it (its "kernels" stage); a load that still finds no build says so on stderr before it
@@ -26,7 +27,11 @@ from types import ModuleType
 
 from filelock import FileLock
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp", "cpu_int4.cpp")
+]
+#: Included by the sources: part of what a build is keyed by, not compiled on their own.
+HEADERS = [Path(__file__).with_name("cpu_avx2.h")]
 
 
 def _cpu_flags() -> str:
@@ -50,7 +55,9 @@ def enabled() -> bool:
 
 def extension_name() -> str:
     """The build's name: keyed by the sources and the CPU's flags, as ``-march=native`` depends on both."""
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + _cpu_flags().encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in [*SOURCES, *HEADERS]) + _cpu_flags().encode()).hexdigest()[
+        :12
+    ]
     return f"xllm_cpu_kernels_{digest}"
 
 
