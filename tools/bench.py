@@ -3,6 +3,7 @@
     python tools/bench.py [--quick] [--model-dir DIR | --preset NAME] [--dtype float32|bfloat16|both] [--threads N]
                           [--runs N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
                           [--also-disable-pass NAME[,NAME...]]
+                          [--quantize int8,int4|none]
                           [--llama-bench PATH [--llama-batched-bench PATH] [--llama-quant int8,int4|none]]
 
 Without --model-dir it benchmarks a random ~100M-parameter Llama (tools/random_checkpoint.py, preset
@@ -21,6 +22,9 @@ gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
                  cache_dir="") then load() and generate(ignore_eos=True).
   xllm_compiler (no NAME)   with --also-disable-pass NAME: the same, compiled with disable_passes=[NAME] (e.g.
                  absorb_mla_weights: decode expands K/V from the latent like prefill), one more column.
+  xllm_compiler  with --quantize W[,W]: also our artifact compiled with quantize=W (int8: per output channel;
+                 int4: group 128, asymmetric), bfloat16 activations, each in a table of its own ("dtype" int8 or
+                 int4), where llama.cpp's Q8_0 and Q4_0 rows land too.
   llama_cpp      with --llama-bench PATH: llama.cpp on the same weights, converted to GGUF by tools/gguf_convert.py
                  (float32 -> F32, bfloat16 -> BF16, and per --llama-quant, default int8,int4, Q8_0 and Q4_0 in
                  tables, and rows' dtype, int8 and int4, where our quantized artifacts belong), timed by
@@ -83,6 +87,9 @@ import torch
 SYSTEMS = ("hf_eager", "torch_compile", "xllm_compiler")
 LLAMA_CPP = "llama_cpp"  # the optional peer (--llama-bench), run outside the workers
 DTYPES = ("float32", "bfloat16")
+QUANTIZED = ("int8", "int4")  # --quantize: our artifact with quantized linear weights, bfloat16 activations
+#: Bytes a weight of a linear layer takes: int4 is 4 bits plus a float32 scale and offset per group of 128.
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5 + 8 / 128}
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 64, 512
 RSS_BATCH = 8
 WORKER_TIMEOUT_S = 3600
@@ -149,10 +156,13 @@ def load_hf(model_dir: str, dtype: str, compiled: bool):
 
 
 def compile_xllm(model_dir: str, out: str, dtype: str, disable_passes: list[str]) -> float:
+    """compile() wall time; ``dtype`` int8 or int4 means quantize=dtype over bfloat16 activations."""
     import xllm_compiler
 
     options = dict(decode_buckets=[1, 8, 32], prefill_buckets=[32, 512], max_seq_len=640, force=True, cache_dir="")
     options["disable_passes"] = tuple(disable_passes)
+    if dtype in QUANTIZED:
+        dtype, options["quantize"] = "bfloat16", dtype
     return timed(lambda: xllm_compiler.compile(model_dir, out, dtype=dtype, **options))[0]
 
 
@@ -377,7 +387,8 @@ def _best_gbs(read, nbytes: int, repeats: int) -> float:
 
 def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
     """Bytes a batch-1 decode step reads: every tensor, but one row of an untied input embedding and, in an
-    MoE layer, top_k of its experts."""
+    MoE layer, top_k of its experts; each at ``dtype``'s bytes per weight (int8/int4: as if every tensor
+    were quantized; the norms, which are not, are a few KB)."""
     from safetensors import safe_open
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -397,7 +408,7 @@ def weight_bytes_per_step(model_dir: Path, dtype: str) -> int:
         if name.endswith("embed_tokens.weight") and not tied:
             numel = shape[-1]
         elements += numel * routed if ".experts." in name else numel
-    return int(elements * getattr(torch, dtype).itemsize)
+    return int(elements * BYTES_PER_WEIGHT[dtype])
 
 
 def cpu_name() -> str:
@@ -602,6 +613,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, fewer runs")
     parser.add_argument("--json", type=Path, help="write the rows (a list of dicts) here")
     parser.add_argument("--plot", type=Path, help="write a PNG of decode tokens/s per batch size here")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        metavar="W[,W]|none",
+        help="also our artifact with quantize=W (int8, int4; bfloat16 activations), a table each (default none)",
+    )
     parser.add_argument("--llama-bench", type=Path, metavar="PATH", help="also run llama.cpp: its llama-bench binary")
     parser.add_argument(
         "--llama-batched-bench", type=Path, metavar="PATH", help="for llama.cpp's batch>1 decode (default: its sibling)"
@@ -636,8 +653,13 @@ def main() -> None:
         variants[f"xllm_compiler (no {', '.join(passes)})"] = passes
     columns = systems + list(variants)
     quant = [w.strip() for w in args.llama_quant.split(",") if w.strip() and w.strip() != "none"]
-    if set(quant) - {"int8", "int4"}:
+    if set(quant) - set(QUANTIZED):
         parser.error("--llama-quant takes int8, int4 or none")
+    ours_quantized = [w.strip() for w in args.quantize.split(",") if w.strip() and w.strip() != "none"]
+    if set(ours_quantized) - set(QUANTIZED):
+        parser.error("--quantize takes int8, int4 or none")
+    if ours_quantized and "xllm_compiler" not in systems:
+        parser.error("--quantize measures xllm_compiler: keep it in --systems")
     dtype_choice = args.dtype or "both"
     dtypes = list(DTYPES) if dtype_choice == "both" else [dtype_choice]
     runs = args.runs or (2 if args.quick else 3)
@@ -659,14 +681,14 @@ def main() -> None:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         repeats = 3 if args.quick else 5
         bandwidth, reader = read_bandwidth_gbs(repeats=repeats)
-        limits = {d: bandwidth * 1e9 / weight_bytes_per_step(model_dir, d) for d in dtypes}
+        limits = {d: bandwidth * 1e9 / weight_bytes_per_step(model_dir, d) for d in dtypes + ours_quantized}
 
         console.print(f"[bold]machine[/bold]: {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch threads")
         busy = "[bold yellow] (other processes are busy: timings will be noisy)[/bold yellow]" if load > 0.5 else ""
         console.print(f"load average (1 min) before the run: {load:.2f}{busy}")
         console.print(f"torch {torch.__version__}, python {platform.python_version()}, model {model_dir}")
         console.print(f"memory read bandwidth: {bandwidth:.1f} GB/s (1 GB of float32, best of {repeats}, by {reader})")
-        for d in dtypes:
+        for d in dtypes + ours_quantized:
             mb = weight_bytes_per_step(model_dir, d) / 1e6
             console.print(f"decode limit at batch 1, {d}: {mb:.0f} MB of weights per step -> {limits[d]:.1f} tok/s")
         console.print(
@@ -677,8 +699,8 @@ def main() -> None:
         results: dict[tuple[str, str], dict] = {}
         rows: list[dict] = []
         rss_info: dict[tuple[str, str], dict] = {}
-        for dtype in dtypes:
-            for system in columns:
+        for dtype in dtypes + ours_quantized:
+            for system in columns if dtype in DTYPES else ["xllm_compiler"]:
                 disabled = variants.get(system, [])
                 spec = dict(
                     system="xllm_compiler" if disabled else system,
@@ -711,15 +733,16 @@ def main() -> None:
                     entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
                     rows.append(make_row(system, dtype, metric, entry))
 
-        shown, tables, notes = columns, dtypes, {}
+        shown, notes = columns, {}
         if args.llama_bench:
             console.print(f"[{time.perf_counter() - start:6.0f} s] {LLAMA_CPP}: converting and measuring")
             llama_rows, notes = measure_llama_cpp(console, args, model_dir, work, dtypes + quant, runs, batches)
             rows += llama_rows
-            shown, tables = [*columns, LLAMA_CPP], dtypes + quant
+            shown = [*columns, LLAMA_CPP]
             for dtype in quant:  # a GGUF file's own bytes: what llama.cpp reads per step at that width
                 per_step = notes.get(dtype, {}).get("bytes_per_step")
-                limits[dtype] = bandwidth * 1e9 / per_step if per_step else None
+                limits[dtype] = bandwidth * 1e9 / per_step if per_step else limits.get(dtype)
+        tables = dtypes + [w for w in QUANTIZED if w in ours_quantized or (args.llama_bench and w in quant)]
 
         elapsed = time.perf_counter() - start
         for dtype in tables:

@@ -1,7 +1,7 @@
-"""int8 weights against our bfloat16 and float32, back to back in one process: decode bs1/bs8, prefill 512, accuracy.
+"""int8 and int4 weights against our bfloat16 and float32, back to back in one process: decode, prefill, accuracy.
 
-    python tools/bench_quant.py [--rounds N] [--variants float32,bfloat16,int8,int8-f32] [--threads N]
-                                [--kernels-only] [--skip-accuracy]
+    python tools/bench_quant.py [--rounds N] [--variants float32,bfloat16,int8,int8-f32,int4,int4-f32] [--threads N]
+                                [--kernels-only | --accuracy-only | --skip-accuracy]
 
 Compiles the random ~100M Llama of tools/random_checkpoint.py (preset llama-100m, float32 weights) once per
 variant, loads every artifact into this process, then measures round by round, each round running every
@@ -9,8 +9,9 @@ variant in turn, so that a busy minute of a shared machine lands on all of them 
 
   float32 / bfloat16  the plain artifacts (dtype=...), our packed float kernels (ops/cpu_linear.cpp).
   int8                quantize="int8" with bfloat16 activations: every linear incl. the LM head on int8
-                      weights, ops/cpu_quant.cpp's VNNI kernel.
+                      weights, ops/cpu_quant.cpp's kernel (AVX512-VNNI, else AVX2).
   int8-f32            the same with float32 activations.
+  int4, int4-f32      quantize="int4" (groups of 128), ops/cpu_int4.cpp's AVX2 kernel.
 
 Figures (median [min-max] over the rounds): decode_bsB tok/s = 31 * B / (time(32 new tokens) - time(1 new
 token)) for B prompts of 32 tokens; prefill_512 tok/s = 512 / time of a 512-token prompt making one token.
@@ -19,9 +20,10 @@ Decode at batch 1 is also shown as a share of the bandwidth limit for that varia
 bytes a step reads (every tensor of the artifact but the input embedding, of which one row) over the
 machine's read bandwidth (bench.py's probe).
 
-Accuracy (unless --skip-accuracy): on the random model, the int8 variants' last-position logits of 16
+Accuracy (unless --skip-accuracy): on the random model, the quantized variants' last-position logits of 16
 prompts against the same-dtype float artifact (max error over the largest logit, top-1 agreement); on
-tools/tiny-llama (trained on its corpus) the corpus perplexity, float32 against int8 (float32 activations).
+tools/tiny-llama (trained on its corpus) the corpus perplexity, float32 against int8 and int4 at each group
+size (float32 activations).
 """
 
 from __future__ import annotations
@@ -49,14 +51,16 @@ VARIANTS = {
     "bfloat16": dict(dtype="bfloat16"),
     "int8": dict(dtype="bfloat16", quantize="int8"),
     "int8-f32": dict(dtype="float32", quantize="int8"),
+    "int4": dict(dtype="bfloat16", quantize="int4"),
+    "int4-f32": dict(dtype="float32", quantize="int4"),
 }
 COMPILE = dict(decode_buckets=[1, 8], prefill_buckets=[32, 512], max_seq_len=640, cache_dir="", force=True)
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 32, 512
 TINY_LLAMA = Path(__file__).resolve().parent / "tiny-llama"
 TINY_WINDOW = 64
-#: The input (and output) dtype each kernel of kernel_table runs on; int8 takes bfloat16 rows, as the int8 variant.
-KERNEL_INPUT = {"float32": "float32", "bfloat16": "bfloat16", "int8": "bfloat16"}
-ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "I64": 8, "I32": 4}
+#: The input (and output) dtype each kernel of kernel_table runs on; int8/int4 take bfloat16 rows, as their variants.
+KERNEL_INPUT = {"float32": "float32", "bfloat16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}
+ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4}
 
 
 def step_bytes(artifact: Path) -> int:
@@ -97,7 +101,7 @@ def kernel_table(repeats: int) -> None:
     from bench_linear import LAYER, LM_HEAD
 
     from xllm_compiler.ops.native import native_kernels
-    from xllm_compiler.ops.quant import quantize_per_channel
+    from xllm_compiler.ops.quant import DEFAULT_GROUP_SIZE, quantize_per_channel, quantize_per_group
 
     native = native_kernels()
     shapes = [*LAYER * 12, LM_HEAD]
@@ -109,7 +113,13 @@ def kernel_table(repeats: int) -> None:
     quantized = [quantize_per_channel(w) for w in weights]
     packed["int8"] = [native.pack_int8_weight(q) for q, _ in quantized]
     scales = [s for _, s in quantized]
-    nbytes = {"float32": 4, "bfloat16": 2, "int8": 1}
+    group = DEFAULT_GROUP_SIZE
+    grouped = [quantize_per_group(w, group) for w in weights]
+    packed["int4"] = [
+        (native.pack_int4_weight(q, w.shape[1], group), native.pack_int4_scales(s), native.pack_int4_scales(o))
+        for (q, s, o), w in zip(grouped, weights, strict=True)
+    ]
+    nbytes = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5 + 8 / group}
     elements = sum(w.numel() for w in weights)
     for rows in (1, 8, 512):
         outs = {d: [torch.empty(rows, w.shape[0], dtype=getattr(torch, d)) for w in weights] for d in KERNEL_INPUT}
@@ -121,6 +131,8 @@ def kernel_table(repeats: int) -> None:
             for i, w in enumerate(packed[name]):
                 if name == "int8":
                     native.int8_linear_out(inputs[dtype][i], w, scales[i], None, outs[dtype][i])
+                elif name == "int4":
+                    native.int4_linear_out(inputs[dtype][i], *w, group, None, outs[dtype][i])
                 else:
                     native.packed_linear_out(inputs[dtype][i], w, None, outs[dtype][i])
 
@@ -137,7 +149,8 @@ def kernel_table(repeats: int) -> None:
 
 def accuracy(models: dict, vocab: int, console_print) -> None:
     prompts = make_prompts(vocab, 16, 24, seed=7)
-    for name, reference in (("int8", "bfloat16"), ("int8-f32", "float32")):
+    pairs = (("int8", "bfloat16"), ("int8-f32", "float32"), ("int4", "bfloat16"), ("int4-f32", "float32"))
+    for name, reference in pairs:
         if name not in models or reference not in models:
             continue
         got, ref = models[name].logits(prompts), models[reference].logits(prompts)
@@ -167,6 +180,8 @@ def tiny_perplexity(work: Path, console_print) -> None:
         ("float32", {}),
         ("int8", {"quantize": "int8"}),
         ("int8, LM head float", {"quantize": "int8", "quantize_lm_head": False}),
+        *((f"int4 g{g}", {"quantize": "int4", "group_size": g}) for g in (32, 64, 128)),
+        ("int4 g128, LM head float", {"quantize": "int4", "quantize_lm_head": False}),
     )
     for name, extra in tiny:
         out = work / f"tiny-{len(results)}"
@@ -190,6 +205,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--kernels-only", action="store_true", help="only the linear layers alone (kernel_table)")
+    parser.add_argument("--accuracy-only", action="store_true", help="only the accuracy figures: no timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +213,8 @@ def main() -> None:
     if set(names) - set(VARIANTS):
         parser.error(f"--variants takes a subset of {','.join(VARIANTS)}")
     print(f"{torch.get_num_threads()} threads; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    kernel_table(repeats=3 * args.rounds)
+    if not args.accuracy_only:
+        kernel_table(repeats=3 * args.rounds)
     if args.kernels_only:
         return
     with tempfile.TemporaryDirectory(prefix="xllm-bench-quant-") as tmp:
@@ -216,6 +233,10 @@ def main() -> None:
                 f"{name}: compiled in {seconds:.1f} s; {step_bytes(out) / 1e6:.0f} MB read per decode step, "
                 f"batch-1 limit {limits[name]:.0f} tok/s"
             )
+        if args.accuracy_only:
+            accuracy(models, vocab, print)
+            tiny_perplexity(work, print)
+            return
         for model in models.values():  # warm-up: every bucket graph built once
             measure(model, vocab, seed=0)
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in names}

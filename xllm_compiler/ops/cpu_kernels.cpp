@@ -193,6 +193,7 @@ void decode_rows(const T* query, const T* keys, const T* values, const int32_t* 
       for (int64_t j = first; j < length; ++j) {
         const T* k = keys + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * slot_stride + kvh * dim;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)  // vectorised (the sum in lanes): scalar, this loop was most of the kernel
         for (int64_t d = 0; d < dim; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
         dot *= scale;
         scores[j - first] = dot;
