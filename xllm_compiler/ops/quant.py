@@ -12,13 +12,14 @@ free of zero-point corrections, and the scale folds into the output once per col
 
 ``xllm::linear_w4``: a linear layer on int4 weights, asymmetric per group of ``group_size`` consecutive
 inputs of each output row. ``y = x @ W.T + bias`` with ``W = dequantize_per_group(qweight, scale, offset,
-K, group_size)``: ``qweight [N, ceil(K/2)]`` uint8, two values in [0, 15] a byte (element (n, k) in byte k // 2, the
-low nibble for even k), ``scale`` and ``offset [N, ceil(K/group_size)]`` float32, ``W ~= q * scale +
-offset``. The composite dequantizes to float32 and sums in float32; the CPU kernel (ops/cpu_int4.cpp)
-rounds each group of its inputs to int8 on the fly (bounded in tests/quant/test_int4_linear.py).
-``quantize_per_group`` is its one quantizer. Why per group and asymmetric: sixteen levels over a whole row would leave most weights a step or
-two from zero; a group of 32 to 128 inputs has a range of its own, and a min/max offset spends all sixteen
-levels on it instead of half of them on a sign the group may not use.
+K, group_size)``: ``qweight [N, ceil(K/2)]`` uint8, two values in [0, 15] a byte (element (n, k) in byte
+k // 2, the low nibble for even k), ``scale`` and ``offset [N, ceil(K/group_size)]`` float32, ``W ~= q *
+scale + offset``. The composite dequantizes to float32 and sums in float32; the CPU kernel
+(ops/cpu_int4.cpp) rounds each group of its inputs to int8 on the fly (bounded in
+tests/quant/test_int4_linear.py). ``quantize_per_group`` is its one quantizer. Why per group and
+asymmetric: sixteen levels over a whole row would leave most weights a step or two from zero; a group of
+32 to 128 inputs has a range of its own, and a min/max offset spends all sixteen levels on it instead of
+half of them on a sign the group may not use.
 """
 
 from __future__ import annotations
