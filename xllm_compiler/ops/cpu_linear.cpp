@@ -24,6 +24,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "cpu_avx2.h"
 #if defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -238,9 +239,7 @@ void block_rows_any(const typename L::T* x, int64_t rows, int64_t x_stride, cons
 // every K step (half the speed).
 #define XLLM_UNROLL _Pragma("GCC unroll 16")
 
-inline __m256i lane_mask(int64_t lanes) {  // the first `lanes` of 8 lanes
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+using xllm_avx2::lane_mask;
 
 // Float32 lanes: one K step is one fused multiply-add per accumulator.
 struct F32 {
@@ -253,17 +252,9 @@ struct F32 {
                                     int64_t&) {
     return x;
   }
-  static __m256 widen(const float* x, int64_t lanes) {
-    return lanes == 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, lane_mask(lanes));
-  }
+  static __m256 widen(const float* x, int64_t lanes) { return xllm_avx2::load8(x, lanes); }
   static __m256 round(__m256 value) { return value; }
-  static void store(float* out, __m256 value, int64_t lanes) {
-    if (lanes == 8) {
-      _mm256_storeu_ps(out, value);
-    } else {
-      _mm256_maskstore_ps(out, lane_mask(lanes), value);
-    }
-  }
+  static void store(float* out, __m256 value, int64_t lanes) { xllm_avx2::store8(out, value, lanes); }
 };
 
 // BFloat16 lanes: one K step is a pair of K, a float multiply-add for each.
@@ -292,35 +283,11 @@ struct BF16 {
     }
     return buffer.data();
   }
-  static __m256 widen(const at::BFloat16* x, int64_t lanes) {
-    alignas(16) uint16_t bits[8] = {0};
-    const __m128i narrow = lanes == 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(x))
-                                      : (std::copy_n(reinterpret_cast<const uint16_t*>(x), lanes, bits),
-                                         _mm_load_si128(reinterpret_cast<const __m128i*>(bits)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(narrow), 16));
-  }
-  // c10's round_to_nearest_even in each lane: the bfloat16 bits in the low half (NaN: 0x7FC0).
-  static __m256i nearest_even(__m256 value) {
-    const __m256i bits = _mm256_castps_si256(value);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-  }
+  static __m256 widen(const at::BFloat16* x, int64_t lanes) { return xllm_avx2::load8(x, lanes); }
   static __m256 round(__m256 value) {  // to bfloat16 and back, as a materialised bfloat16 is
-    return _mm256_castsi256_ps(_mm256_slli_epi32(nearest_even(value), 16));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(xllm_avx2::nearest_even(value), 16));
   }
-  static void store(at::BFloat16* out, __m256 value, int64_t lanes) {
-    const __m256i bits = nearest_even(value);
-    const __m128i narrow = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-    if (lanes == 8) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), narrow);
-    } else {
-      alignas(16) uint16_t spill[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(spill), narrow);
-      std::copy_n(spill, lanes, reinterpret_cast<uint16_t*>(out));
-    }
-  }
+  static void store(at::BFloat16* out, __m256 value, int64_t lanes) { xllm_avx2::store8(out, value, lanes); }
 };
 
 constexpr int kTileRows = 6;          // input rows per register tile
