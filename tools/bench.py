@@ -596,6 +596,14 @@ def correctness(console, results: dict, dtypes: list[str], systems: list[str]) -
                 console.print(line)
 
 
+def widths(parser: argparse.ArgumentParser, value: str, flag: str) -> list[str]:
+    """A --quantize / --llama-quant value as its list of widths ('none' for none); anything else refused."""
+    chosen = [w.strip() for w in value.split(",") if w.strip() and w.strip() != "none"]
+    if set(chosen) - set(QUANTIZED):
+        parser.error(f"{flag} takes int8, int4 or none")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="checkpoint to benchmark (default: a random --preset)")
@@ -652,12 +660,8 @@ def main() -> None:
         passes = [name.strip() for name in names.split(",") if name.strip()]
         variants[f"xllm_compiler (no {', '.join(passes)})"] = passes
     columns = systems + list(variants)
-    quant = [w.strip() for w in args.llama_quant.split(",") if w.strip() and w.strip() != "none"]
-    if set(quant) - set(QUANTIZED):
-        parser.error("--llama-quant takes int8, int4 or none")
-    ours_quantized = [w.strip() for w in args.quantize.split(",") if w.strip() and w.strip() != "none"]
-    if set(ours_quantized) - set(QUANTIZED):
-        parser.error("--quantize takes int8, int4 or none")
+    quant = widths(parser, args.llama_quant, "--llama-quant")
+    ours_quantized = widths(parser, args.quantize, "--quantize")
     if ours_quantized and "xllm_compiler" not in systems:
         parser.error("--quantize measures xllm_compiler: keep it in --systems")
     dtype_choice = args.dtype or "both"

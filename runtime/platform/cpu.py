@@ -83,14 +83,11 @@ class CpuPlatform(Platform):
         no graph reads."""
         as_linear, as_gather, as_other, as_experts = _weight_uses(graphs)
         dtypes = packable_dtypes()
-        as_int8 = _int8_linear_weights(graphs)
-        as_int4 = _int4_linear_packers(graphs)
+        as_quantized = _quantized_linear_packers(graphs)
 
         def prepare(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-            if name in as_int8:  # read only by xllm::linear_w8, on inputs the int8 kernel takes
-                return {name + PACKED_SUFFIX: native_kernels().pack_int8_weight(tensor)}
-            if name in as_int4:  # likewise for xllm::linear_w4: its weight, scales or offsets
-                return {name + PACKED_SUFFIX: as_int4[name](tensor)}
+            if name in as_quantized:  # read only by int8/int4 linears, on inputs their kernels take
+                return {name + PACKED_SUFFIX: as_quantized[name](tensor)}
             if name in as_linear and tensor.dtype in dtypes and tensor.dim() == 2:
                 packed = {name + PACKED_SUFFIX: native_kernels().pack_linear_weight(tensor)}
                 return {**packed, name: tensor} if name in as_other else packed
@@ -235,62 +232,52 @@ def _argument(node: fx.Node, name: str) -> Any:
     return {**dict(zip(names, node.args, strict=False)), **node.kwargs}.get(name)
 
 
-def _int8_linear_weights(graphs: dict[str, fx.Graph]) -> set[str]:
-    """Stored int8 weights that only xllm::linear_w8 reads, as its qweight, on inputs of a dtype the int8
-    kernel (ops/cpu_quant.cpp) takes: those it runs on, packed (an empty set where it was not built)."""
-    native = native_kernels()
-    if native is None:
-        return set()
-    dtypes = set(native.int8_linear_dtypes())
-    packable: set[str] = set()
-    refused: set[str] = set()
-    for graph in graphs.values():
-        for node in graph.nodes:
-            for user in node.users if node.op == "get_attr" else ():
-                x = _argument(user, "x") if user.op == "call_function" and user.target in INT8_LINEAR else None
-                meta = x.meta.get("xllm_meta") if isinstance(x, fx.Node) else None
-                ok = _argument(user, "qweight") is node and isinstance(meta, dict) and meta.get("dtype") in dtypes
-                (packable if ok else refused).add(node.target)
-    return packable - refused
-
-
-def _int4_linear_packers(graphs: dict[str, fx.Graph]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Stored tensors that only xllm::linear_w4 reads, each always in one role (its qweight, scale or
-    offset, for one K and group size), on inputs of a dtype the int4 kernel (ops/cpu_int4.cpp) takes: each
-    with the packing of its role (an empty dict where the kernel was not built)."""
+def _quantized_linear_packers(graphs: dict[str, fx.Graph]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Stored tensors that only the quantized linears read, each always in one role that gets packed (an
+    int8 qweight; an int4 qweight for one K and group size, scale or offset), on inputs of a dtype the
+    op's kernel (ops/cpu_quant.cpp, ops/cpu_int4.cpp) takes: each with the packing of its role (an empty
+    dict where the kernels were not built). An int8 scale is read as it is, so it is in no role."""
     native = native_kernels()
     if native is None:
         return {}
-    dtypes = set(native.int4_linear_dtypes())
+    kinds = {target: (("qweight",), set(native.int8_linear_dtypes())) for target in INT8_LINEAR}
+    kinds |= {target: (INT4_PARTS, set(native.int4_linear_dtypes())) for target in INT4_LINEAR}
     roles: dict[str, set[tuple | None]] = {}
     for graph in graphs.values():
         for node in graph.nodes:
             for user in node.users if node.op == "get_attr" else ():
-                roles.setdefault(node.target, set()).add(_int4_role(user, node, dtypes))
+                roles.setdefault(node.target, set()).add(_quantized_role(user, node, kinds))
     packers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for name, found in roles.items():
         if len(found) != 1 or None in found:
             continue
         (role,) = found
-        if role[0] == "qweight":
+        if role[0] == "int8":
+            packers[name] = native.pack_int8_weight
+        elif role[0] == "qweight":
             packers[name] = lambda t, k=role[1], g=role[2]: native.pack_int4_weight(t, k, g)
         else:
             packers[name] = native.pack_int4_scales
     return packers
 
 
-def _int4_role(user: fx.Node, node: fx.Node, dtypes: set[str]) -> tuple | None:
-    """What stored tensor ``node`` is to ``user`` where the int4 kernel can take it: ('qweight', K, group
-    size), ('scale',) or ('offset',); None if ``user`` is no int4 linear, or one the kernel does not take."""
-    if user.op != "call_function" or user.target not in INT4_LINEAR:
+def _quantized_role(user: fx.Node, node: fx.Node, kinds: dict) -> tuple | None:
+    """What stored tensor ``node`` is to ``user`` where its kernel can take it: ('int8',) for an int8
+    qweight; ('qweight', K, group size), ('scale',) or ('offset',) for int4; None if ``user`` is no
+    quantized linear, one its kernel does not take, or ``node`` is none of its packed parts."""
+    kind = kinds.get(user.target) if user.op == "call_function" else None
+    if kind is None:
         return None
+    packed_parts, dtypes = kind
     x = _argument(user, "x")
     meta = x.meta.get("xllm_meta") if isinstance(x, fx.Node) else None
-    parts = [part for part in INT4_PARTS if _argument(user, part) is node]
+    parts = [part for part in packed_parts if _argument(user, part) is node]
     if not isinstance(meta, dict) or meta.get("dtype") not in dtypes or len(parts) != 1:
         return None
     if sum(a is node for a in [*user.args, *user.kwargs.values()]) != 1:
         return None
+    if user.target in INT8_LINEAR:
+        return ("int8",)
     return (parts[0], meta["shape"][-1], _argument(user, "group_size")) if parts[0] == "qweight" else (parts[0],)
 
 

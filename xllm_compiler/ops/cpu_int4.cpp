@@ -130,7 +130,8 @@ void int4_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t start = g * group_size, count = std::max<int64_t>(0, std::min(group_size, k_size - start));
+        // ceil(K / group_size) groups: none is empty, the last may be short
+        const int64_t start = g * group_size, count = std::min(group_size, k_size - start);
         const T* span = xp + m * x_stride + start;
         int8_t* qg = q + m * q_stride + start;
         const float top = abs_max(span, count);
