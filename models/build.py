@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from xllm_compiler.models.config import ModelSpec
-from xllm_compiler.models.decoder import DecoderForCausalLM
+from xllm_compiler.models.decoder import WEIGHTS_READ_DIRECTLY, DecoderForCausalLM, RowParallelLinear
+from xllm_compiler.models.int4_linear import Int4Linear
 from xllm_compiler.models.parallel import TensorParallel
 from xllm_compiler.models.quantization import quantization_of
 from xllm_compiler.models.registry import load_spec
@@ -40,6 +43,45 @@ def deinterleave_rope_rows(spec: ModelSpec, name: str, tensor: torch.Tensor) -> 
     return rows.reshape(tensor.shape)
 
 
+def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec, tp: TensorParallel) -> int:
+    """Replace each linear layer whose weight the checkpoint stores as 4-bit GPTQ / AWQ integers that
+    linear_w4 holds exactly (``Checkpoint.load_int4``) by an Int4Linear on them (this rank's shard);
+    how many were. The others keep their float weights, loaded dequantized."""
+    kept, orders = 0, []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, RowParallelLinear)) or name.endswith(WEIGHTS_READ_DIRECTLY):
+            continue
+        if name == "lm_head" and spec.tie_word_embeddings:
+            continue  # the embedding table reads the same float weight
+        weight_name = f"{name}.weight"
+        dim, whole = tp.shard_dim(weight_name), list(module.weight.shape)
+        if dim is not None:
+            whole[dim] *= tp.size
+        shard = None if dim is None else (dim, *tp.span(whole[dim]))
+        weight = checkpoint.load_int4(weight_name, tuple(whole), shard)
+        if weight is None:
+            continue
+        weight = weight.map_rows(lambda rows, n=weight_name: deinterleave_rope_rows(spec, n, rows))
+        if weight.input_order is not None:
+            weight = dataclasses.replace(weight, input_order=_shared(weight.input_order, orders))
+        reduce = isinstance(module, RowParallelLinear) and module.tp.size > 1 and module.reduce
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, Int4Linear(weight, module.weight.shape[1], module.bias, reduce))
+        kept += 1
+    return kept
+
+
+def _shared(order: torch.Tensor, seen: list[torch.Tensor]) -> torch.Tensor:
+    """``order``, or an equal one already in ``seen``: layers reading one input in one act-order (GPTQ
+    derives it from the input's statistics, so Q, K and V share theirs) then gather it with one tensor,
+    one gather after common-subexpression elimination, and their projections merge."""
+    for other in seen:
+        if torch.equal(other, order):
+            return other
+    seen.append(order)
+    return order
+
+
 def build_model(
     model_dir: Path,
     dtype: torch.dtype,
@@ -58,6 +100,7 @@ def build_model(
     with torch.device("meta"):
         model = DecoderForCausalLM(spec, max_positions, dtype, tp)
     with Checkpoint(model_dir, quantization_of(model_dir)) as checkpoint:
+        keep_int4_linears(model, checkpoint, spec, tp)
         for name, param in list(model.named_parameters()):
             dim = tp.shard_dim(name)
             router = spec.moe is not None and spec.moe.router_in_float32 and name.endswith(FLOAT32_ROUTER_TENSORS)

@@ -27,6 +27,9 @@ from xllm_compiler.ops.reference import (
     silu_and_mul,
 )
 
+#: Linear layers whose weight the model reads as a tensor rather than by calling the layer (MLA's kv_b_proj,
+#: the MoE router): they keep a float weight whatever the checkpoint stores.
+WEIGHTS_READ_DIRECTLY = ("self_attn.kv_b_proj", "mlp.gate")
 #: transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not the config's.
 MLA_NORM_EPS = 1e-6
 

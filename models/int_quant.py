@@ -1,5 +1,5 @@
-"""GPTQ and AWQ checkpoints as published (packed int4/int8 weights, per-group scales and zero points),
-dequantized to float32 as they load.
+"""GPTQ and AWQ checkpoints as published (packed int4/int8 weights, per-group scales and zero points):
+4-bit linears converted to xllm::linear_w4's form (``read_int4``), the others dequantized to float32.
 
 GPTQ (AutoGPTQ, GPTQModel, optimum; ``quant_method: gptq``) stores a linear ``X`` of N outputs, K inputs as
 
@@ -18,11 +18,14 @@ and ``X.qzeros`` int32 [G, N/8], 4-bit values packed along N with word nibble i 
 
 Dequantizing in float32 is exact: q - zero is an integer of at most 9 bits and a 16-bit float scale has
 at most 11 significant bits, so each product fits float32's 24; cast to float16 it is what a float16
-dequantization computes (one rounding of the same exact product).
+dequantization computes (one rounding of the same exact product). The int4 form is exact for the same
+reason: ``q * scale`` and ``offset = -zero * scale`` are exact products, and their sum is the exact value
+``(q - zero) * scale``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 
 from xllm_compiler.errors import CheckpointError
+from xllm_compiler.ops.quant import pack_int4
 
 PACKED_SUFFIX = ".qweight"
 #: A packed linear's other tensors: ``X.qzeros``, ``X.scales`` and (GPTQ) ``X.g_idx``.
@@ -162,15 +166,26 @@ def unpack(packed: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | N
 AWQ_FIELDS = tuple(AWQ_ORDER.index(j) for j in range(8))
 
 
-def read_dequantized(
-    scheme: IntQuant,
-    packed: str,
-    shape: tuple[int, ...],
-    stored: Callable[[str], tuple[str, Any] | None],
-) -> torch.Tensor:
-    """The float32 weight [N, K] of packed linear ``packed`` (``X.qweight``), its tensors read through
-    ``stored`` (name -> (file name, safetensors slice), None when absent) and checked against ``shape``.
-    The whole tensor is read: a tensor-parallel shard is cut from it by the caller."""
+@dataclass(frozen=True)
+class _Stored:
+    """A packed linear's tensors as stored, checked against each other and the weight's shape."""
+
+    qweight: torch.Tensor
+    zeros: torch.Tensor
+    """int64 [G, N], the format's zero offset added."""
+    scales: torch.Tensor
+    """float32 [G, N]."""
+    g_idx: torch.Tensor
+    """int64 [K]: the group of each input (k // group without act-order)."""
+    group: int
+    """Inputs per group (K for group_size -1)."""
+
+
+def _read_stored(
+    scheme: IntQuant, packed: str, shape: tuple[int, ...], stored: Callable[[str], tuple[str, Any] | None]
+) -> _Stored:
+    """The tensors of packed linear ``packed`` (``X.qweight``), read through ``stored`` (name -> (file
+    name, safetensors slice), None when absent); CheckpointError names the first that does not fit."""
     prefix = packed.removesuffix(PACKED_SUFFIX)
     label = f"{scheme.bits}-bit {scheme.method.upper()}"
     found = stored(packed)
@@ -228,7 +243,96 @@ def read_dequantized(
         )
     qzeros = tensors[".qzeros"]
     zeros = unpack(qzeros, scheme.bits, 1) + scheme.zero_offset if gptq else unpack(qzeros, 4, 1, AWQ_FIELDS)
-    return _dequantize(scheme, tensors[PACKED_SUFFIX], zeros, tensors[".scales"].float(), g_idx, group)
+    return _Stored(tensors[PACKED_SUFFIX], zeros.long(), tensors[".scales"].float(), g_idx, group)
+
+
+def read_dequantized(
+    scheme: IntQuant,
+    packed: str,
+    shape: tuple[int, ...],
+    stored: Callable[[str], tuple[str, Any] | None],
+) -> torch.Tensor:
+    """The float32 weight [N, K] of packed linear ``packed`` (``X.qweight``), its tensors read through
+    ``stored`` (name -> (file name, safetensors slice), None when absent) and checked against ``shape``.
+    The whole tensor is read: a tensor-parallel shard is cut from it by the caller."""
+    parts = _read_stored(scheme, packed, shape, stored)
+    return _dequantize(scheme, parts.qweight, parts.zeros, parts.scales, parts.g_idx, parts.group)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A 4-bit linear of a checkpoint in ``xllm::linear_w4``'s form (ops/quant.py), converted exactly:
+    ``(q - zero) * scale = q * scale + offset`` with ``offset = -zero * scale``. With act-order the
+    inputs are sorted by group, so that each group is a run of consecutive inputs again, and
+    ``input_order`` says which input of the layer each kernel input is: ``y = x[..., input_order] @ W.T``."""
+
+    qweight: torch.Tensor
+    """uint8 [N, ceil(K/2)], two values a byte (ops/quant.py's pack_int4)."""
+    scale: torch.Tensor
+    """float32 [N, G]."""
+    offset: torch.Tensor
+    """float32 [N, G]."""
+    group_size: int
+    input_order: torch.Tensor | None
+    """int64 [K], or None when the groups were consecutive already."""
+
+    def rows(self, start: int, end: int) -> Int4Weight:
+        """Outputs [start, end): a column-parallel shard."""
+        return dataclasses.replace(
+            self,
+            qweight=self.qweight[start:end].contiguous(),
+            scale=self.scale[start:end].contiguous(),
+            offset=self.offset[start:end].contiguous(),
+        )
+
+    def map_rows(self, reorder: Callable[[torch.Tensor], torch.Tensor]) -> Int4Weight:
+        """The same weight with its output rows moved by ``reorder`` (applied to every per-row tensor)."""
+        return dataclasses.replace(
+            self, qweight=reorder(self.qweight), scale=reorder(self.scale), offset=reorder(self.offset)
+        )
+
+    def inputs(self, start: int, end: int, k_size: int) -> Int4Weight | None:
+        """Inputs [start, end) of ``k_size``: a row-parallel shard; None where that slice splits a group,
+        or act-order scattered the slice's inputs over the groups."""
+        if self.input_order is not None or start % self.group_size or (end % self.group_size and end != k_size):
+            return None
+        first, last = start // self.group_size, -(-end // self.group_size)
+        return dataclasses.replace(
+            self,
+            qweight=self.qweight[:, start // 2 : -(-end // 2)].contiguous(),
+            scale=self.scale[:, first:last].contiguous(),
+            offset=self.offset[:, first:last].contiguous(),
+        )
+
+
+#: Group sizes xllm::linear_w4 takes from a checkpoint as they are: multiples of the 32 inputs of the CPU
+#: kernel's int8 blocks (ops/cpu_int4.cpp). Others (and 8-bit weights) load dequantized.
+INT4_GROUP_ALIGN = 32
+
+
+def read_int4(
+    scheme: IntQuant,
+    packed: str,
+    shape: tuple[int, ...],
+    stored: Callable[[str], tuple[str, Any] | None],
+) -> Int4Weight | None:
+    """Packed linear ``packed`` (``X.qweight``) as an Int4Weight, or None where linear_w4 cannot hold it
+    exactly as stored: 8 bits, a group size not a multiple of INT4_GROUP_ALIGN, or act-order groups of
+    unequal sizes."""
+    if scheme.bits != 4 or (scheme.group_size if scheme.group_size != -1 else shape[-1]) % INT4_GROUP_ALIGN:
+        return None
+    parts = _read_stored(scheme, packed, shape, stored)
+    k = shape[1]
+    fields = (0,) if scheme.method == "gptq" else (1, AWQ_FIELDS)  # GPTQ packs along K, AWQ along N
+    q = unpack(parts.qweight, 4, *fields).t()  # [N, K]
+    order = None
+    if not torch.equal(parts.g_idx, torch.arange(k) // parts.group):
+        order = torch.argsort(parts.g_idx, stable=True)
+        if not torch.equal(parts.g_idx[order], torch.arange(k) // parts.group):
+            return None  # groups of unequal sizes: no run of consecutive inputs holds each
+        q = q[:, order]
+    zeros, scales = parts.zeros.t().float(), parts.scales.t().contiguous()  # [N, G]
+    return Int4Weight(pack_int4(q.to(torch.uint8).contiguous()), scales, -(zeros * scales), parts.group, order)
 
 
 def _dequantize(

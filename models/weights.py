@@ -149,6 +149,24 @@ class Checkpoint:
             raise CheckpointError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, expected floats")
         return tensor.to(dtype)
 
+    def load_int4(
+        self, name: str, shape: tuple[int, ...], shard: tuple[int, int, int] | None = None
+    ) -> int_quant.Int4Weight | None:
+        """Linear weight ``name`` (the whole tensor's ``shape``; ``shard`` as for ``load``) in linear_w4's
+        form, when the checkpoint stores it as a 4-bit GPTQ / AWQ linear that form holds exactly
+        (``int_quant.read_int4``); None otherwise, and then ``load`` gives its float values."""
+        packed = int_quant.packed_name(name)
+        if name in self._shards or packed not in self._shards or not isinstance(self.quantization, int_quant.IntQuant):
+            return None
+        try:
+            weight = int_quant.read_int4(self.quantization, packed, shape, self._stored)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{self._shards[packed].name}: tensor '{packed}' cannot be read ({exc})") from None
+        if weight is None or shard is None:
+            return weight
+        dim, start, end = shard
+        return weight.rows(start, end) if dim == 0 else weight.inputs(start, end, shape[1])
+
     def _unpacked(self, packed: str, shape: tuple[int, ...], shard) -> torch.Tensor:
         """The float32 weight of packed linear ``packed`` (or its shard), from ``X.qweight`` and companions."""
         path = self._shards[packed]

@@ -1,4 +1,5 @@
-"""GPTQ and AWQ checkpoints as published: exact dequantization, parity with transformers, errors naming the tensor."""
+"""GPTQ and AWQ checkpoints as published: exact dequantization, 4-bit layers kept in their integers (linear_w4),
+parity with transformers, errors naming the tensor."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from xllm_compiler.models.config import MoESpec
 from xllm_compiler.models.int_quant import IntQuant
 from xllm_compiler.models.quantization import checkpoint_quantization
 from xllm_compiler.models.weights import Checkpoint, load_experts
+from xllm_compiler.ops import native
+from xllm_compiler.ops.quant import dequantize_per_group, linear_w4_kernel
+from xllm_compiler.runtime.platform import cpu
 
 SMALL = dict(dtype="float32", decode_buckets=[4], prefill_buckets=[64], max_seq_len=64)
 #: One linear of N = 16 outputs, K = 64 inputs: 2 groups of 32.
@@ -125,30 +129,113 @@ def test_per_expert_packed_linears_stack_like_plain_ones(tmp_path):
         assert torch.equal(down, torch.stack([meant[f"{i}.down_proj"][:, 16:] for i in range(2)]))
 
 
-#: (architecture, config overrides, quantization_config, projections left float). Qwen2 adds q/k/v biases
-#: (stored as plain X.bias next to the packed weights); AWQ leaves one layer's down_proj out, as
-#: modules_to_not_convert says.
-PARITY = {
-    "gptq4-g32-act-order": ("LlamaForCausalLM", {}, gptq_config(4, 32, True), ()),
-    "gptq8-per-row": ("Qwen2ForCausalLM", {}, gptq_config(8, -1, False), ()),
-    "awq-g32": ("LlamaForCausalLM", {}, awq_config(32, ["layers.1.mlp.down_proj"]), ("layers.1.mlp.down_proj",)),
+#: The cases linear_w4 holds as stored (4 bits, groups of a multiple of 32 inputs): id -> (whether the inputs
+#: are reordered, group size). One group a row needs no order, act-order or not.
+KEPT_INT4 = {
+    "gptq4-g32": (False, 32),
+    "gptq4-g32-act-order": (True, 32),
+    "gptq4-per-row-act-order": (False, 64),
+    "gptq4-v2-asym": (True, 32),
+    "awq-g32": (False, 32),
 }
 
 
+def int4_weight(model_dir: Path, shape=SHAPE, shard=None):
+    config = json.loads((model_dir / "config.json").read_text())
+    with Checkpoint(model_dir, checkpoint_quantization(config)) as checkpoint:
+        return checkpoint.load_int4("w.weight", shape, shard)
+
+
+def in_layer_order(weight) -> torch.Tensor:
+    """The float32 weight [N, K] an Int4Weight means, its inputs back in the layer's order."""
+    values = dequantize_per_group(weight.qweight, weight.scale, weight.offset, SHAPE[1], weight.group_size)
+    if weight.input_order is None:
+        return values
+    return torch.empty_like(values).index_copy_(1, weight.input_order, values)
+
+
+@pytest.mark.parametrize("case", sorted(KEPT_INT4))
+def test_4bit_linears_convert_exactly_to_linear_w4(tmp_path, case):
+    """(q - zero) * scale = q * scale + offset, bit for bit: every term is exact in float32. Act-order
+    sorts the inputs by group, and linear_w4 on the input gathered in that order is x @ W.T."""
+    reordered, group_size = KEPT_INT4[case]
+    tensors, meant, quant = one_linear(case)
+    model_dir = write(tmp_path, tensors, quant)
+    weight = int4_weight(model_dir)
+    assert weight.group_size == group_size and (weight.input_order is not None) == reordered
+    assert weight.qweight.dtype == torch.uint8 and weight.qweight.shape == (16, 32)
+    assert torch.equal(in_layer_order(weight), meant)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    gathered = x if weight.input_order is None else x.index_select(-1, weight.input_order)
+    y = linear_w4_kernel(gathered, weight.qweight, weight.scale, weight.offset, weight.group_size)
+    assert relative_error(y, x.double() @ meant.double().T) < 1e-5
+    rows = int4_weight(model_dir, shard=(0, 3, 11))
+    assert torch.equal(in_layer_order(rows), meant[3:11]) if rows.input_order is None else rows.qweight.shape[0] == 8
+    inputs = int4_weight(model_dir, shard=(1, 32, 64))
+    if reordered or group_size == 64:
+        assert inputs is None  # the slice splits a group, or its inputs are scattered over the groups
+    else:
+        assert torch.equal(dequantize_per_group(inputs.qweight, inputs.scale, inputs.offset, 32, 32), meant[:, 32:])
+    assert int4_weight(model_dir, shard=(1, 5, 37)) is None
+
+
+@pytest.mark.parametrize("case", ["gptq8-g32-act-order", "gptq8-per-row"])
+def test_8bit_linears_load_as_floats(tmp_path, case):
+    tensors, meant, quant = one_linear(case)
+    model_dir = write(tmp_path, tensors, quant)
+    assert int4_weight(model_dir) is None
+    assert torch.equal(load_one(model_dir), meant)
+
+
+#: (architecture, config overrides, quantization_config, projections left float, linear layers kept in 4 bits).
+#: Qwen2 adds q/k/v biases (stored as plain X.bias next to the packed weights); AWQ leaves one layer's down_proj
+#: out, as modules_to_not_convert says; 8-bit GPTQ loads dequantized.
+PARITY = {
+    "gptq4-g32-act-order": ("LlamaForCausalLM", {}, gptq_config(4, 32, True), (), 14),
+    "gptq4-g32-qwen2": ("Qwen2ForCausalLM", {}, gptq_config(4, 32, False), (), 14),
+    "gptq8-per-row": ("Qwen2ForCausalLM", {}, gptq_config(8, -1, False), (), 0),
+    "awq-g32": ("LlamaForCausalLM", {}, awq_config(32, ["layers.1.mlp.down_proj"]), ("layers.1.mlp.down_proj",), 13),
+}
+#: linear_w4 calls a graph makes for the 2-layer test model: Q, K and V merged, gate and up merged (act-order
+#: too: one gather order for the layer's input), o and down each alone: 4 a layer (less a layer left float).
+MERGED_INT4_CALLS = 8
+#: The native int4 kernel rounds each group of its inputs to int8 (ops/cpu_int4.cpp), measured at 1.0-1.6%
+#: of the largest logit on these checkpoints; the composite is weight-only float32, within float rounding.
+NATIVE_TOLERANCE = 0.05
+
+
+def _linear_w4_calls(root: Path) -> int:
+    graph = json.loads((root / json.loads((root / "manifest.json").read_text())["fallback_graph"]).read_text())
+    return json.dumps(graph).count("xllm.linear_w4")
+
+
 @pytest.mark.parametrize("case", sorted(PARITY))
-def test_quantized_checkpoint_compiles_to_transformers_on_its_dequantized_weights(checkpoints, tmp_path, case):
-    architecture, overrides, quant, skip = PARITY[case]
+def test_quantized_checkpoint_compiles_to_transformers_on_its_dequantized_weights(
+    checkpoints, tmp_path, monkeypatch, case
+):
+    architecture, overrides, quant, skip, kept = PARITY[case]
     src, hf_model = checkpoints.checkpoint(architecture, **overrides)
     meant = quantize_checkpoint(src, tmp_path / "quantized", quant, skip)
     stored = load_file(tmp_path / "quantized" / "model.safetensors")
     assert sum(n.endswith(".qweight") for n in stored) == 2 * 7 - len(skip)
     oracle = copy.deepcopy(hf_model)
     oracle.load_state_dict(meant)
-    model = xllm_compiler.load(checkpoints.artifact(tmp_path / "quantized", **SMALL))
+    root = checkpoints.artifact(tmp_path / "quantized", **SMALL)
+    record = json.loads((root / "manifest.json").read_text())["checkpoint_quantization"]
+    act_order = quant.get("desc_act", False)
+    scheme = dict(method=quant["quant_method"], bits=4, group_size=32, act_order=act_order, linear_layers=kept)
+    assert record == (scheme if kept else None)
+    assert _linear_w4_calls(root) == (MERGED_INT4_CALLS - len(skip) if kept else 0)
     prompts = mixed_prompts(hf_model.config.vocab_size)
-    assert relative_error(model.logits(prompts), hf_last_logits(oracle, prompts)) < 1e-5
-    ours = model.generate(prompts, max_new_tokens=16, ignore_eos=True)
-    assert ours == [hf_greedy(oracle, p, 16) for p in prompts]
+    expected = hf_last_logits(oracle, prompts)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "native_kernels", lambda: None)  # linear_w4's composite: the weights as they are
+        model = xllm_compiler.load(root)
+        assert relative_error(model.logits(prompts), expected) < 1e-5
+        ours = model.generate(prompts, max_new_tokens=16, ignore_eos=True)
+        assert ours == [hf_greedy(oracle, p, 16) for p in prompts]
+    if kept and native.native_kernels() is not None:
+        assert relative_error(xllm_compiler.load(root).logits(prompts), expected) < NATIVE_TOLERANCE
 
 
 def edited(case: str, edit) -> tuple[dict[str, torch.Tensor], dict]:

@@ -203,6 +203,8 @@ def summary_rows(report: dict[str, Any], out_dir: Path) -> list[tuple[str, Text]
     tp = f", tensor-parallel {model['tensor_parallel']}" if model.get("tensor_parallel", 1) > 1 else ""
     group = f" (group {model['group_size']})" if model.get("group_size") else ""
     quantized = f", {model['quantize']}{group} weights" if model.get("quantize") else ""
+    if packed := model.get("checkpoint_quantization"):
+        quantized += f", {packed['bits']}-bit {packed['method'].upper()} weights in {packed['linear_layers']} layers"
     rows = [
         ("model", f"{model['architecture']}, {model['parameters']:,} parameters, {model['dtype']}{quantized}{tp}"),
         ("graph", f"{graph['nodes_captured']} -> {graph['nodes_after_passes']} nodes"),

@@ -34,6 +34,7 @@ from xllm_compiler.artifact.schema import (
     FORMAT_VERSION,
     MANIFEST,
     BucketEntry,
+    CheckpointQuantizationRecord,
     CreatedBy,
     FileEntry,
     KVCacheLayout,
@@ -66,7 +67,10 @@ from xllm_compiler.experts.placement import Placement, placement_from_stats, pla
 from xllm_compiler.interface import RESERVED_BLOCKS, STEP_INPUTS, kv_cache_input
 from xllm_compiler.models import ModelSpec, build_model, load_spec
 from xllm_compiler.models.config import expanded_kv_width, kv_cache_geometry
+from xllm_compiler.models.int4_linear import Int4Linear, parameter_count
+from xllm_compiler.models.int_quant import IntQuant
 from xllm_compiler.models.parallel import keep_local_experts, parallel_ranks
+from xllm_compiler.models.quantization import quantization_of
 from xllm_compiler.ops import native
 from xllm_compiler.options import (
     DEFAULT_BLOCK_SIZE,
@@ -339,6 +343,15 @@ def compile_model(
     return report.to_json()
 
 
+def _checkpoint_quantization(model_dir: Path, model: torch.nn.Module) -> CheckpointQuantizationRecord | None:
+    """The manifest's record of the checkpoint's 4-bit layers ``model`` kept in their integers (None: none)."""
+    layers = sum(isinstance(m, Int4Linear) for m in model.modules())
+    scheme = quantization_of(model_dir)
+    if not layers or not isinstance(scheme, IntQuant):
+        return None
+    return CheckpointQuantizationRecord(scheme.method, scheme.bits, scheme.group_size, scheme.desc_act, layers)
+
+
 def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, out_dir: Path) -> None:
     """Run the stages. With tensor parallelism every rank is built (its own weight shards) and must
     yield the same graphs: one graph set is written, with one weights file per rank. With expert
@@ -347,7 +360,8 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
     ranks = parallel_ranks(options.tp, options.ep, plan.experts[0] if plan.experts else None)
     with report.stage("weights", "Loading weights"):
         models = [keep_local_experts(build_model(plan.model_dir, dtype, plan.max_seq_len, spec, p), p) for p in ranks]
-        parameters = sum(p.numel() for p in models[0].parameters())
+        parameters = parameter_count(models[0])
+        int4_layers = _checkpoint_quantization(plan.model_dir, models[0])
     planes, kv_heads, kv_dim = kv_cache_geometry(spec, options.tp)
     kv_specs = [kv_cache_input(i, dtype, options.block_size, kv_heads, kv_dim, planes) for i in range(spec.num_layers)]
     with report.stage("capture", "Tracing with torch.export"):
@@ -385,6 +399,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 "expert_parallel": options.ep,
                 "quantize": options.quantize,
                 "group_size": options.group_size,
+                "checkpoint_quantization": dataclasses.asdict(int4_layers) if int4_layers else None,
             },
             "graph": {"nodes_captured": nodes_captured, "nodes_after_passes": count_nodes(gm)},
             "passes": [r.to_json() for r in records[0]],
@@ -409,7 +424,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
                 files.append(TOKENIZER_FILE)
             if chat_template := write_chat_template(plan.model_dir, root):
                 files.append(chat_template)
-        manifest = _manifest(plan, options, graph_files, weight_files, records[0])
+        manifest = _manifest(plan, options, graph_files, weight_files, records[0], int4_layers)
         _finish(root, manifest, report, files)
 
 
@@ -512,7 +527,12 @@ def _bucket_padding(counts, sizes: list[int], bucket: int) -> float:
 
 
 def _manifest(
-    plan: CompilePlan, options: CompileOptions, graph_files: dict[str, str], weight_files: list[str], records: list
+    plan: CompilePlan,
+    options: CompileOptions,
+    graph_files: dict[str, str],
+    weight_files: list[str],
+    records: list,
+    int4_layers: CheckpointQuantizationRecord | None,
 ) -> Manifest:
     spec = plan.spec
     planes_heads_dim = kv_cache_geometry(spec, options.tp)
@@ -556,6 +576,7 @@ def _manifest(
         fallback_graph=graph_files[FALLBACK_GRAPH],
         num_speculative_tokens=options.num_speculative_tokens,
         quantization=_quantization(options, records),
+        checkpoint_quantization=int4_layers,
         tokenizer=TOKENIZER_FILE if (plan.model_dir / TOKENIZER_FILE).is_file() else None,
         chat_template=CHAT_TEMPLATE_FILE if find_chat_template(plan.model_dir) else None,
     )

@@ -30,10 +30,12 @@ from xllm_compiler.passes.comm.collectives import ISSUES, WAIT, is_issue
 from xllm_compiler.passes.graph_pass import GraphPass, PassResult
 
 aten, xllm = torch.ops.aten, torch.ops.xllm
+#: Linear layers on float, int8 or int4 weights.
+LINEARS = (aten.linear.default, xllm.linear_w8.default, xllm.linear_w4.default)
 #: Ops that compute each output row from the same row of their token-wise inputs.
 ROW_WISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.silu.default,
-    aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.to.dtype, aten._to_copy.default, aten.linear.default,
+    aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.to.dtype, aten._to_copy.default, *LINEARS,
     aten.embedding.default, aten.index_select.default, aten.view.default, aten.reshape.default,
     aten.unsqueeze.default, aten.slice.Tensor, aten.split_with_sizes.default, aten.cat.default,
     aten.mean.dim, operator.getitem, xllm.rms_norm.default, xllm.fused_add_rms_norm.default,
@@ -72,10 +74,12 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
     if (target not in ROW_WISE and target not in ATTENTION) or not shape or shape[0] != tokens:
         return False
     if target is aten.index_select.default:  # a gather of table rows by a token-wise index
+        if args[1] % len(shape) == len(shape) - 1:  # or of each row's values (an act-order layer's inputs)
+            return args[0] in token_wise and args[2] not in token_wise
         return args[1] == 0 and args[2] in token_wise and args[0] not in token_wise
     if target is aten.embedding.default:
         return args[1] in token_wise and args[0] not in token_wise
-    if target is aten.linear.default:  # rows of the input times a weight matrix
+    if target in LINEARS:  # rows of the input times a (float or quantized) weight matrix
         return args[0] in token_wise and not any(a in token_wise for a in args[1:])
     if target in (aten.slice.Tensor, aten.cat.default, aten.split_with_sizes.default):
         dim = args[1] if len(args) > 1 else 0
@@ -106,8 +110,9 @@ def _row_wise(node: fx.Node, token_wise: set[fx.Node], tokens: int, subs: dict) 
 
 class SplitMicroBatches(GraphPass):
     name = "split_micro_batches"
-    version = 4  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v; 3: MLA
-    # attention and DeepSeek's routing (topk, gather, scatter within rows; moe_experts); 4: V2's (softmax, max)
+    version = 5  # 2: MoE blocks split (fused_moe, sigmoid row-wise); attention only over split q, k, v; 3: MLA
+    # attention and DeepSeek's routing (topk, gather, scatter within rows; moe_experts); 4: V2's (softmax, max);
+    # 5: int8 / int4 linears, and the input gather of act-order int4 layers
 
     def __init__(self, options: MicroBatchOptions | None = None):
         self.options = options or MicroBatchOptions()

@@ -3,7 +3,7 @@
 Before:  g = linear(x, Wg); u = linear(x, Wu); y = silu(g) * u
 After:   g, u = split(linear(x, cat(Wg, Wu)), [i, i]); y = silu(g) * u     (then fuse_silu_and_mul)
 Found by structure: two linears on one input where one feeds only ``silu`` and that result is
-multiplied by the other.
+multiplied by the other. Two ``xllm::linear_w4`` layers of a 4-bit checkpoint merge alike (version 2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _gate_and_up(linears: list[fx.Node]) -> list[fx.Node] | None:
     return None
 
 
-@graph_pass("merge_gate_up_projections", version=1)
+@graph_pass("merge_gate_up_projections", version=2)
 def merge_gate_up_projections(gm: fx.GraphModule) -> PassResult:
     merged = 0
     for linears in sibling_linears(gm.graph).values():

@@ -3,7 +3,9 @@
 Before:  q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)
 After:   q, k, v = split(linear(x, cat(Wq, Wk, Wv)), [q, kv, kv])    (the cat is folded to a weight)
 Found by structure, not by name: three linears on one input whose results reach the query, key and
-value arguments of one ``xllm::paged_attention``. Declines when only some of them have a bias.
+value arguments of one ``xllm::paged_attention``. Declines when only some of them have a bias. The
+``xllm::linear_w4`` layers of a 4-bit checkpoint (models/int4_linear.py) merge alike, their qweight, scale
+and offset each concatenated (version 2).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _attention_slot(linear: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
-@graph_pass("merge_qkv_projections", version=1)
+@graph_pass("merge_qkv_projections", version=2)
 def merge_qkv_projections(gm: fx.GraphModule) -> PassResult:
     merged = 0
     for linears in sibling_linears(gm.graph).values():

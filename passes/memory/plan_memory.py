@@ -128,7 +128,7 @@ class PlanMemory(GraphPass):
     """Plan a bucket graph's activations into one arena (gm.meta['memory_plan'])."""
 
     name = "plan_memory"
-    version = 1
+    version = 2  # 2: an xllm op's out form gets the defaults its functional call left out
 
     def __init__(self, options: PlanMemoryOptions | None = None):
         self.options = options or PlanMemoryOptions()
@@ -200,6 +200,9 @@ def _write_into(graph: fx.Graph, node: fx.Node, buffers: dict[Any, fx.Node], out
     outputs = [buffers[(node, i)] for i in range(len(outs))]
     names = [a.name for a in op._schema.arguments]
     arguments = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    for argument in op._schema.arguments:  # the out form takes every argument: defaults the call left out too
+        if argument.name not in arguments and argument.has_default_value():
+            arguments[argument.name] = argument.default_value
     node.target = target
     node.args = ()
     node.kwargs = {**arguments, **dict(zip(outs, outputs, strict=True))}

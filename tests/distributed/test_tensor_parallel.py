@@ -36,6 +36,7 @@ from tests.hf_oracle import (
     hf_last_logits,
     mixed_prompts,
 )
+from tests.int_quant_checkpoint import gptq_config, quantize_checkpoint
 from tests.test_capture_safety import artifact_graphs
 from xllm_compiler import cli, run
 from xllm_compiler.artifact.manifest import read_manifest
@@ -74,6 +75,10 @@ VARIANTS = {
     "no-fusion": ("fuse_all_reduce_add_rms_norm",),
     "no-overlap-passes": OVERLAP_PASSES,
 }
+#: A 4-bit GPTQ Llama (models/int4_linear.py), kept in its integers on every rank.
+GPTQ = "LlamaForCausalLM+gptq4"
+#: --tp 2 against --tp 1 where the native int4 kernel runs (it rounds its inputs to int8); float rounding without it.
+GPTQ_TOLERANCE = 0.05
 LAUNCH_TIMEOUT_S = 240
 XLLM_RUN_ARGS = ("--prompt-ids", "1,2,3", "--max-new-tokens", str(NEW_TOKENS))
 #: What a process prints when a gloo worker thread outlives the interpreter (see
@@ -197,6 +202,10 @@ def tp_run(checkpoints, tmp_path_factory) -> TensorParallelRun:
             ),
         }
     llama_dir, _ = checkpoints.checkpoint("LlamaForCausalLM")
+    gptq_dir = root / "gptq"
+    quantize_checkpoint(llama_dir, gptq_dir, gptq_config(4, 32, False))
+    state.tp1[GPTQ], state.tp2[GPTQ] = (checkpoints.artifact(gptq_dir, tp=tp, **OPTIONS) for tp in (1, 2))
+    state.reference[GPTQ] = {"logits": xllm_compiler.load(state.tp1[GPTQ]).logits(prompts)}
     for variant, disabled in VARIANTS.items():
         state.tp2[variant] = checkpoints.artifact(llama_dir, tp=2, disable_passes=list(disabled), **OPTIONS)
     cached = {**OPTIONS, "cache_dir": str(root / "cache")}
@@ -226,6 +235,16 @@ def test_tp2_matches_tp1_and_transformers(tp_run, architecture):
     hf_model = tp_run.hf[architecture]
     assert relative_error(logits, hf_last_logits(hf_model, tp_run.prompts)) < 1e-4
     assert ours["tokens"] == [hf_greedy(hf_model, p, NEW_TOKENS) for p in tp_run.prompts]
+
+
+def test_gptq_tp2_keeps_the_integers_and_matches_tp1(tp_run):
+    """A 4-bit GPTQ checkpoint (groups of 32): every rank runs linear_w4 on its shard of the integers, the
+    row-parallel o_proj and down_proj split at a group boundary; the int4 kernel rounds each group of its
+    inputs to int8, so sums in another order can move a rounding step (tests/quant/test_int4_model.py)."""
+    for root in (tp_run.tp1[GPTQ], tp_run.tp2[GPTQ]):
+        assert read_manifest(root).checkpoint_quantization.linear_layers == 14
+    logits = torch.tensor(tp_run.result(GPTQ)["logits"])
+    assert relative_error(logits, tp_run.reference[GPTQ]["logits"]) < GPTQ_TOLERANCE
 
 
 @pytest.mark.parametrize("architecture", MOE_ARCHITECTURES)

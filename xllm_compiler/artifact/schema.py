@@ -137,6 +137,22 @@ class QuantizationRecord:
 
 
 @dataclass(frozen=True)
+class CheckpointQuantizationRecord:
+    """The linear layers a GPTQ / AWQ checkpoint stores as 4-bit integers, kept in them: the graphs call
+    ``xllm::linear_w4`` on their ``qweight``, ``scale`` and ``offset`` (and, act-order, gather their input
+    by ``input_order``), converted exactly at compile time (models/int_quant.py, models/int4_linear.py)."""
+
+    method: str
+    """'gptq' or 'awq', config.json's quant_method."""
+    bits: int
+    group_size: int
+    """As the checkpoint declares it; -1: one group per row."""
+    act_order: bool
+    linear_layers: int
+    """How many linear layers (before merging) run on the checkpoint's integers."""
+
+
+@dataclass(frozen=True)
 class GraphInput:
     """One input of the graphs' calling convention (xllm_compiler.interface.STEP_INPUTS)."""
 
@@ -196,6 +212,8 @@ class Manifest:
     """k of the verify buckets (buckets of phase 'verify'), and generate()'s default k; 0: none compiled."""
     quantization: QuantizationRecord | None = None
     """The weight quantization of the linear layers; None: weights in ``model.dtype``."""
+    checkpoint_quantization: CheckpointQuantizationRecord | None = None
+    """The checkpoint's 4-bit linear layers kept in their integers; None: none (or an artifact written before)."""
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -352,6 +370,7 @@ _FIELD_TYPES: dict[type, dict[str, Any]] = {
         TensorParallelLayout,
         LoweringRecord,
         QuantizationRecord,
+        CheckpointQuantizationRecord,
         GraphInput,
         PassEntry,
         BucketEntry,
@@ -365,6 +384,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "BucketEntry",
+    "CheckpointQuantizationRecord",
     "CreatedBy",
     "FileEntry",
     "GraphInput",
