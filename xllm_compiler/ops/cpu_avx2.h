@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace xllm_avx2 {
 
@@ -52,6 +53,16 @@ inline void store8(c10::BFloat16* out, __m256 value, int64_t lanes = 8) {
     alignas(16) uint16_t spill[8];
     _mm_store_si128(reinterpret_cast<__m128i*>(spill), narrow);
     std::copy_n(spill, lanes, reinterpret_cast<uint16_t*>(out));
+  }
+}
+
+// A float vector rounded to T's precision and widened back (where a reference materialises T).
+template <typename T>
+inline __m256 round8(__m256 value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(nearest_even(value), 16));
+  } else {
+    return value;
   }
 }
 

@@ -6,12 +6,14 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #include <sleef.h>
 #endif
 #include <type_traits>
 #include <vector>
+
+#include "cpu_avx2.h"
 
 namespace {
 
@@ -91,9 +93,9 @@ void fused_add_rms_norm_out(torch::Tensor x, torch::Tensor residual, torch::Tens
   });
 }
 
-// silu(gate) * up over one row. The float32 and bfloat16 rows take 16 lanes at a time with SLEEF's
-// vectorised exp (1 ulp, shipped inside libtorch): at prefill the scalar exp was most of the time of
-// every fused elementwise kernel together. Rounding is the reference's: silu(gate) is rounded to the
+// silu(gate) * up over one row. The float32 and bfloat16 rows take 16 lanes at a time (8 on AVX2) with
+// SLEEF's vectorised exp (1 ulp, shipped inside libtorch): at prefill the scalar exp was most of the time
+// of every fused elementwise kernel together. Rounding is the reference's: silu(gate) is rounded to the
 // dtype before the product, as the composite materialises it.
 template <typename T>
 void silu_and_mul_row(const T* gate, const T* up, T* dst, int64_t width) {
@@ -104,6 +106,15 @@ void silu_and_mul_row(const T* gate, const T* up, T* dst, int64_t width) {
       __m512 g = load16(gate + i), u = load16(up + i);
       __m512 activated = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       store16(dst + i, _mm512_mul_ps(round16<T>(activated), u));
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {  // 8 lanes, SLEEF's AVX2 exp
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= width; i += 8) {
+      const __m256 g = xllm_avx2::load8(gate + i), u = xllm_avx2::load8(up + i);
+      const __m256 activated = _mm256_div_ps(g, _mm256_add_ps(one, Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      xllm_avx2::store8(dst + i, _mm256_mul_ps(xllm_avx2::round8<T>(activated), u));
     }
   }
 #endif
