@@ -17,8 +17,10 @@ import torch
 import xllm_compiler
 from tests.cli_calls import call
 from tests.hf_oracle import ARCHITECTURE_CONFIGS
+from tests.int_quant_checkpoint import gptq_config, quantize_checkpoint
 from xllm_compiler import cli
 from xllm_compiler.errors import OptionsError
+from xllm_compiler.runtime.platform import cpu
 from xllm_compiler.runtime.step import Sequence, build_step_inputs
 
 onnx = pytest.importorskip("onnx")
@@ -48,9 +50,36 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURE_CONFIGS))
 def test_exported_graphs_match_the_runtime_through_prefill_and_decode(architecture, artifacts, tmp_path):
+    check_against_the_runtime(artifacts[architecture], tmp_path, architecture)
+
+
+#: Quantized linears: compiled int8 and int4 weights, and a 4-bit act-order GPTQ checkpoint kept in its integers.
+QUANTIZED = {
+    "int8": dict(quantize="int8"),
+    "int4-g32": dict(quantize="int4", group_size=32),
+    "gptq4-act-order": dict(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANTIZED))
+def test_quantized_linears_export_weight_only(checkpoints, tmp_path, monkeypatch, case):
+    """linear_w8 and linear_w4 export as their weight-only composites (the packed integers dequantized in
+    the graph), so the reference is the runtime on the composites too: the CPU kernels round their inputs to
+    int8 as well (tests/quant)."""
+    model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM")
+    if case.startswith("gptq"):
+        quantize_checkpoint(model_dir, tmp_path / "gptq", gptq_config(4, 32, True))
+        model_dir = tmp_path / "gptq"
+    artifact = checkpoints.artifact(model_dir, **QUANTIZED[case])
+    monkeypatch.setattr(cpu, "native_kernels", lambda: None)
+    check_against_the_runtime(artifact, tmp_path, case)
+
+
+def check_against_the_runtime(artifact: Path, tmp_path: Path, label: str) -> None:
+    """The exported prefill and decode buckets of ``artifact`` in onnxruntime, step by step against the
+    runtime: logits and the KV cache each step writes."""
     from xllm_compiler.onnx import onnx_inputs
 
-    artifact = artifacts[architecture]
     sessions = {
         phase: session(xllm_compiler.export_onnx(artifact, tmp_path / f"{phase}.onnx", phase, size))
         for phase, size in BUCKETS.items()
@@ -75,7 +104,7 @@ def test_exported_graphs_match_the_runtime_through_prefill_and_decode(architectu
         caches = [torch.from_numpy(c) for c in present]
         want = engine.step(phase, work)
         got = torch.from_numpy(logits[: len(work)])
-        assert relative_error(got, want) < TOLERANCE, f"{architecture} {phase}"
+        assert relative_error(got, want) < TOLERANCE, f"{label} {phase}"
         return want
 
     logits = step("prefill", [(s, s.prompt_len) for s in seqs])
