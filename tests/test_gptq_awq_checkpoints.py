@@ -343,3 +343,23 @@ def test_compile_names_a_missing_scale_on_one_line(checkpoints, tmp_path, capsys
     rc, stdout, err = call(cli.main, [tmp_path / "model", tmp_path / "out", *args], capsys)
     assert rc == 2 and stdout == ""
     assert_one_line(err, "xllm-compile", "'model.layers.1.mlp.down_proj.qweight'", "down_proj.scales' is missing")
+
+
+def test_moe_checkpoint_keeps_attention_and_shared_expert_in_4_bits(checkpoints, tmp_path, monkeypatch):
+    """Qwen2-MoE packed by GPTQ (act-order): the routed experts load dequantized into the stacked expert
+    weights, attention and the shared expert stay in their integers (2 layers x 7 linears); on the
+    composites the artifact equals one compiled from a float checkpoint of the weights the integers mean."""
+    src, hf_model = checkpoints.checkpoint("Qwen2MoeForCausalLM")
+    meant = quantize_checkpoint(src, tmp_path / "gptq", gptq_config(4, 32, True))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({name: tensor.contiguous() for name, tensor in meant.items()}, str(plain / "model.safetensors"))
+    (plain / "config.json").write_text((src / "config.json").read_text())
+    quantized, reference = (checkpoints.artifact(d, **SMALL) for d in (tmp_path / "gptq", plain))
+    assert json.loads((quantized / "manifest.json").read_text())["checkpoint_quantization"]["linear_layers"] == 14
+    monkeypatch.setattr(cpu, "native_kernels", lambda: None)
+    ours, theirs = xllm_compiler.load(quantized), xllm_compiler.load(reference)
+    prompts = mixed_prompts(hf_model.config.vocab_size)
+    assert relative_error(ours.logits(prompts), theirs.logits(prompts)) < 1e-5
+    greedy = {"max_new_tokens": 8, "ignore_eos": True}
+    assert ours.generate(prompts, **greedy) == theirs.generate(prompts, **greedy)
