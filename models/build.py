@@ -43,11 +43,11 @@ def deinterleave_rope_rows(spec: ModelSpec, name: str, tensor: torch.Tensor) -> 
     return rows.reshape(tensor.shape)
 
 
-def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec, tp: TensorParallel) -> int:
+def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec, tp: TensorParallel) -> None:
     """Replace each linear layer whose weight the checkpoint stores as 4-bit GPTQ / AWQ integers that
-    linear_w4 holds exactly (``Checkpoint.load_int4``) by an Int4Linear on them (this rank's shard);
-    how many were. The others keep their float weights, loaded dequantized."""
-    kept, orders = 0, []
+    linear_w4 holds exactly (``Checkpoint.load_int4``) by an Int4Linear on them (this rank's shard). The
+    others keep their float weights, loaded dequantized."""
+    orders: list[torch.Tensor] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, RowParallelLinear)) or name.endswith(WEIGHTS_READ_DIRECTLY):
             continue
@@ -67,8 +67,6 @@ def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec,
         reduce = isinstance(module, RowParallelLinear) and module.tp.size > 1 and module.reduce
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, Int4Linear(weight, module.weight.shape[1], module.bias, reduce))
-        kept += 1
-    return kept
 
 
 def _shared(order: torch.Tensor, seen: list[torch.Tensor]) -> torch.Tensor:
@@ -107,7 +105,8 @@ def build_model(
             load_dtype = torch.float32 if router else dtype
             if spec.moe is not None and name.endswith(EXPERT_TENSORS):
                 span = tp.span(spec.moe.expert_intermediate_size)
-                tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype, span)
+                slots = model.get_submodule(name.rpartition(".")[0]).rows
+                tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype, span, slots)
             elif dim is None:
                 tensor = checkpoint.load(name, tuple(param.shape), load_dtype)
             else:

@@ -182,13 +182,15 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """Every routed expert's weights, stacked: gate and up merged at load (see models/weights.py). With
-    tensor parallelism, this rank's slice of each expert's intermediate dim (of gate and of up)."""
+    tensor parallelism, this rank's slice of each expert's intermediate dim (of gate and of up); with
+    expert parallelism, the experts of this rank's slots (``rows``)."""
 
     def __init__(self, spec: ModelSpec, moe: MoESpec, tp: TensorParallel, moe_layer: int):
         super().__init__()
-        experts, hidden, size = moe.num_experts, spec.hidden_size, tp.local(moe.expert_intermediate_size)
-        # What this rank's slots hold once models/parallel.py's keep_local_experts has dropped the rest.
-        self.rows = tp.ep.rows(moe_layer, experts) if tp.ep.size > 1 else None
+        hidden, size = spec.hidden_size, tp.local(moe.expert_intermediate_size)
+        # The logical expert in each of this rank's slots (expert parallelism): only those are loaded.
+        self.rows = tp.ep.rows(moe_layer, moe.num_experts) if tp.ep.size > 1 else None
+        experts = len(self.rows) if self.rows is not None else moe.num_experts
         # Random at nn.Linear's scale: the checkpoint replaces them, but a graph traced without one needs values.
         self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * size, hidden) * hidden**-0.5)
         self.down_proj = nn.Parameter(torch.randn(experts, hidden, size) * size**-0.5)
@@ -224,7 +226,7 @@ class SparseMoE(nn.Module):
             self.gate = GroupedTopkRouter(spec.hidden_size, moe.num_experts, moe.router_bias)
         else:
             self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False)
-        self.experts = Experts(spec, moe, tp, moe_layer)  # all: keep_local_experts drops others after loading
+        self.experts = Experts(spec, moe, tp, moe_layer)  # this rank's slots only, under expert parallelism
         table, self.columns = tp.ep.expert_table(moe_layer, moe.num_experts) if tp.ep.size > 1 else (None, 1)
         self.register_buffer("expert_table", table)  # None: this rank holds every expert
         # Tokens routed to each expert (and, last, tokens seen): the runtime's expert stats (ops/moe.py).

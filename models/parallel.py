@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from xllm_compiler.errors import ConfigError, OptionsError
 from xllm_compiler.experts.placement import Placement
@@ -157,18 +156,3 @@ def parallel_ranks(tp: int, ep: int, placement: Placement | None = None) -> list
     if ep > 1:
         return [TensorParallel(ep=ExpertParallel(rank, ep, placement)) for rank in range(ep)]
     return [TensorParallel(rank, tp) for rank in range(tp)]
-
-
-def keep_local_experts(model: nn.Module, parallel: TensorParallel) -> nn.Module:
-    """Keep in ``model`` (built with every expert, as the checkpoint stores them) the experts this rank's
-    slots hold: each stacked ``gate_up_proj``/``down_proj`` becomes its ``rows`` (replicas repeat a row)."""
-    if parallel.ep.size == 1:
-        return model
-    for module in model.modules():
-        rows = getattr(module, "rows", None)
-        if rows is not None:
-            index = torch.tensor(rows, dtype=torch.int64)
-            for name in ("gate_up_proj", "down_proj"):
-                local = getattr(module, name).index_select(0, index)
-                setattr(module, name, nn.Parameter(local, requires_grad=False))
-    return model

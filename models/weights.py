@@ -10,7 +10,7 @@ caller sees their scales, zero points or packing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,7 @@ def load_experts(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     span: tuple[int, int] | None = None,
+    experts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """A stacked expert tensor ``<block>.experts.gate_up_proj`` [E, 2I, H] or ``.down_proj`` [E, H, I],
     read from either layout: the same fused 3-D tensor, or one tensor per expert (``experts.{i}.gate_proj``
@@ -230,17 +231,24 @@ def load_experts(
 
     With ``span`` = [start, end) of the intermediate dim (a tensor-parallel rank's), only that slice of
     every expert is read: rows start..end of gate and the same rows of up (so the merged halves stay
-    gate first), columns start..end of down. ``shape`` is the shape of what is returned.
+    gate first), columns start..end of down. With ``experts`` (an expert-parallel rank's slots: a logical
+    expert each, a replica repeating one), only those are returned, in that order: one tensor per expert
+    reads only theirs; a fused tensor is read whole (its span) and indexed. ``shape`` is the shape of what
+    is returned.
     """
     size = moe.expert_intermediate_size
     start, end = span or (0, size)
     gate_up = name.endswith("gate_up_proj")
+    every = list(range(moe.num_experts))
+    chosen = every if experts is None else list(experts)
     if name in checkpoint:
         if not gate_up:
-            return checkpoint.load(name, (*shape[:2], size), dtype, (2, start, end))
-        whole = (shape[0], 2 * size, shape[2])
-        halves = [checkpoint.load(name, whole, dtype, (1, offset + start, offset + end)) for offset in (0, size)]
-        return torch.cat(halves, dim=1)
+            stacked = checkpoint.load(name, (moe.num_experts, shape[1], size), dtype, (2, start, end))
+        else:
+            whole = (moe.num_experts, 2 * size, shape[2])
+            halves = [checkpoint.load(name, whole, dtype, (1, offset + start, offset + end)) for offset in (0, size)]
+            stacked = torch.cat(halves, dim=1)
+        return stacked if chosen == every else stacked[chosen]
     prefix, _ = name.rsplit(".", 1)
     gate, up, down = moe.expert_projections
     if f"{prefix}.{moe.num_experts}.{gate}.weight" in checkpoint:
@@ -258,4 +266,4 @@ def load_experts(
         ]
         return torch.cat(rows)
 
-    return torch.stack([expert(i) for i in range(moe.num_experts)])
+    return torch.stack([expert(i) for i in chosen])

@@ -246,7 +246,7 @@ def test_expert_parallel_partial_sums_add_up_to_the_whole(checkpoints, architect
     """Each --ep 2 rank's routed experts (its own slots, a replica of each hot expert with a plan) return a
     partial sum over the (token, expert) pairs its table gives it; the two add up to the whole op's output."""
     from xllm_compiler.experts.placement import plan_placement
-    from xllm_compiler.models.parallel import ExpertParallel, keep_local_experts
+    from xllm_compiler.models.parallel import ExpertParallel
 
     model_dir, _ = checkpoints.checkpoint(architecture)
     whole = build_model(model_dir, torch.float32, 64)
@@ -261,9 +261,26 @@ def test_expert_parallel_partial_sums_add_up_to_the_whole(checkpoints, architect
     partials = []
     for rank in (0, 1):
         parallel = TensorParallel(ep=ExpertParallel(rank, 2, placement))
-        shard = keep_local_experts(build_model(model_dir, torch.float32, 64, tp=parallel), parallel)
+        shard = build_model(model_dir, torch.float32, 64, tp=parallel)
         mine = getattr(shard.model.layers[0], shard.model.layers[0].ffn_name)
         local = (mine.experts.gate_up_proj, mine.experts.down_proj, mine.expert_table, mine.columns)
         partials.append(torch.ops.xllm.moe_experts(x, weights, ids, *local, None, slots))
         assert mine.experts.gate_up_proj.shape[0] == (moe.num_experts + (2 if planned else 0)) // 2
     assert relative_error(partials[0] + partials[1], expected) < 1e-5
+
+
+def test_an_expert_parallel_rank_reads_only_its_own_experts(checkpoints, monkeypatch):
+    """Built for --ep 2, rank 1 reads the per-expert tensors of its slots and no others (each rank holding
+    every expert would cost N copies of them at compile time)."""
+    from xllm_compiler.models.parallel import ExpertParallel
+    from xllm_compiler.models.weights import Checkpoint
+
+    model_dir, _ = checkpoints.checkpoint("Qwen3MoeForCausalLM")
+    read: list[str] = []
+    load = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self, name, *args: read.append(name) or load(self, name, *args))
+    model = build_model(model_dir, torch.float32, 64, tp=TensorParallel(ep=ExpertParallel(1, 2)))
+    experts = {int(name.split(".experts.")[1].split(".")[0]) for name in read if ".experts." in name}
+    num_experts = model.spec.moe.num_experts
+    assert experts == set(range(num_experts // 2, num_experts))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == num_experts // 2

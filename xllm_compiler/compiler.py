@@ -69,7 +69,7 @@ from xllm_compiler.models import ModelSpec, build_model, load_spec
 from xllm_compiler.models.config import expanded_kv_width, kv_cache_geometry
 from xllm_compiler.models.int4_linear import Int4Linear, parameter_count
 from xllm_compiler.models.int_quant import IntQuant
-from xllm_compiler.models.parallel import keep_local_experts, parallel_ranks
+from xllm_compiler.models.parallel import parallel_ranks
 from xllm_compiler.models.quantization import quantization_of
 from xllm_compiler.ops import native
 from xllm_compiler.options import (
@@ -359,7 +359,7 @@ def _build(plan: CompilePlan, options: CompileOptions, report: CompileReport, ou
     spec, dtype = plan.spec, plan.dtype
     ranks = parallel_ranks(options.tp, options.ep, plan.experts[0] if plan.experts else None)
     with report.stage("weights", "Loading weights"):
-        models = [keep_local_experts(build_model(plan.model_dir, dtype, plan.max_seq_len, spec, p), p) for p in ranks]
+        models = [build_model(plan.model_dir, dtype, plan.max_seq_len, spec, p) for p in ranks]
         parameters = parameter_count(models[0])
         int4_layers = _checkpoint_quantization(plan.model_dir, models[0])
     planes, kv_heads, kv_dim = kv_cache_geometry(spec, options.tp)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from tests.passes.graphs import ARCHITECTURES, DEPTHS, aten
 from xllm_compiler.ops import reference
+from xllm_compiler.ops.quant import quantize_per_group
 from xllm_compiler.passes.fusion.merge_gate_up_projections import merge_gate_up_projections
 from xllm_compiler.testing import assert_close, check_meta, check_pass, cleanup, code, count, run, trace
 
@@ -59,6 +60,33 @@ def test_merges_a_hand_built_mlp_gate_first(up_first):
     [cat] = [n for n in gm.graph.nodes if n.target is aten.cat.default]
     assert [w.target for w in cat.args[0]] == ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
     assert cat.meta["constant_name"] == "mlp.gate_up_proj.weight"
+    assert_close(run(gm, x), expected, torch.float32)
+    check_meta(gm, x)
+
+
+INT4_PARTS = ("qweight", "scale", "offset")
+
+
+def test_merges_int4_gate_and_up_of_a_4bit_checkpoint():
+    """linear_w4 layers (a GPTQ / AWQ checkpoint's, models/int4_linear.py) merge alike: qweight, scale and
+    offset each concatenated by rows, the group size kept."""
+    weights = {}
+    for name in ("gate", "up"):
+        parts = zip(INT4_PARTS, quantize_per_group(torch.randn(12, 64), 32), strict=True)
+        weights.update({f"mlp.{name}_proj.{part}": tensor for part, tensor in parts})
+
+    def int4(x, name):
+        parts = [weights[f"mlp.{name}_proj.{part}"] for part in INT4_PARTS]
+        return torch.ops.xllm.linear_w4(x, *parts, 32)
+
+    x = torch.randn(5, 64)
+    gm = cleanup(trace(lambda x: reference.silu_and_mul(int4(x, "gate"), int4(x, "up")), x, weights=weights))
+    expected = run(gm, x)
+
+    assert merge_gate_up_projections(gm).matches == 1
+    assert count(gm, torch.ops.xllm.linear_w4.default) == 1
+    cats = [n for n in gm.graph.nodes if n.target is aten.cat.default]
+    assert [c.meta["constant_name"] for c in cats] == [f"mlp.gate_up_proj.{part}" for part in INT4_PARTS]
     assert_close(run(gm, x), expected, torch.float32)
     check_meta(gm, x)
 
