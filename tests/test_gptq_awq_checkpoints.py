@@ -363,3 +363,12 @@ def test_moe_checkpoint_keeps_attention_and_shared_expert_in_4_bits(checkpoints,
     assert relative_error(ours.logits(prompts), theirs.logits(prompts)) < 1e-5
     greedy = {"max_new_tokens": 8, "ignore_eos": True}
     assert ours.generate(prompts, **greedy) == theirs.generate(prompts, **greedy)
+
+
+def test_compile_summary_names_the_layers_kept_in_4_bits(checkpoints, tmp_path, capsys):
+    src, _ = checkpoints.checkpoint("LlamaForCausalLM")
+    quantize_checkpoint(src, tmp_path / "model", awq_config(32))
+    args = ["--decode-buckets", "1", "--prefill-buckets", "16", "--max-seq-len", "64", "--cache-dir", ""]
+    rc, stdout, _ = call(cli.main, [tmp_path / "model", tmp_path / "out", *args], capsys)
+    assert rc == 0
+    assert "4-bit AWQ weights in 14 layers" in " ".join(stdout.split())
