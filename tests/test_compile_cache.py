@@ -199,6 +199,18 @@ def test_artifacts_never_share_files_with_the_cache(base_checkpoint, cache, tmp_
 # -- misses ----------------------------------------------------------------------------------------------------
 
 
+def test_an_edit_to_the_compilers_code_misses(base_checkpoint, cache, tmp_path, monkeypatch):
+    """A source edit that moves no pass, format or lowering version (a model builder's, say) still misses:
+    the key holds a sha256 of the compiler's Python sources."""
+    from xllm_compiler import compiler
+
+    first = compile_(base_checkpoint, tmp_path / "a", cache)
+    monkeypatch.setattr(compiler, "code_sha256", lambda: "0" * 64)
+    edited = compile_(base_checkpoint, tmp_path / "b", cache)
+    assert_miss(edited)
+    assert edited["cache"]["key"] != first["cache"]["key"]
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -8,6 +8,7 @@ artifact from the cached entry, and a miss runs the stages and fills the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -114,6 +115,25 @@ def source_sha256(model_dir: Path, cache: CompileCache | None = None) -> str:
     files = sorted({p for pattern in SOURCE_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
     for path in files:
         digest.update(f"{path.name}\0{hasher.file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_sha256() -> str:
+    """One sha256 over this installation's Python sources (the package, and models/, passes/, runtime/
+    where they are installed from). Pass, format and lowering versions say when a change is meant to
+    change artifacts; this catches the changes that move none of them (a model builder's, a capture
+    detail), so a compile after an edit misses the cache instead of serving what the old code wrote."""
+    import xllm_compiler.models
+    import xllm_compiler.passes
+    import xllm_compiler.runtime
+
+    digest = hashlib.sha256()
+    packages = (xllm_compiler, xllm_compiler.models, xllm_compiler.passes, xllm_compiler.runtime)
+    roots = sorted({Path(package.__file__).resolve().parent for package in packages})
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root.parent)}\0".encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -236,6 +256,7 @@ def plan_compile(
             "format_version": FORMAT_VERSION,
             "graph_format_version": GRAPH_FORMAT_VERSION,
             "xllm_compiler": __version__,
+            "code": code_sha256(),
             "torch": torch.__version__,
             "source_sha256": source,
             "dtype": str(dtype),
