@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from xllm_compiler.errors import CheckpointError
-from xllm_compiler.ops.quant import pack_int4
+from xllm_compiler.ops.quant import GROUP_SIZES, pack_int4
 
 PACKED_SUFFIX = ".qweight"
 #: A packed linear's other tensors: ``X.qzeros``, ``X.scales`` and (GPTQ) ``X.g_idx``.
@@ -305,21 +305,18 @@ class Int4Weight:
         )
 
 
-#: Group sizes xllm::linear_w4 takes from a checkpoint as they are: multiples of the 32 inputs of the CPU
-#: kernel's int8 blocks (ops/cpu_int4.cpp). Others (and 8-bit weights) load dequantized.
-INT4_GROUP_ALIGN = 32
-
-
 def read_int4(
     scheme: IntQuant,
     packed: str,
     shape: tuple[int, ...],
     stored: Callable[[str], tuple[str, Any] | None],
 ) -> Int4Weight | None:
-    """Packed linear ``packed`` (``X.qweight``) as an Int4Weight, or None where linear_w4 cannot hold it
-    exactly as stored: 8 bits, a group size not a multiple of INT4_GROUP_ALIGN, or act-order groups of
-    unequal sizes."""
-    if scheme.bits != 4 or (scheme.group_size if scheme.group_size != -1 else shape[-1]) % INT4_GROUP_ALIGN:
+    """Packed linear ``packed`` (``X.qweight``) as an Int4Weight, or None where it loads dequantized: 8 bits,
+    act-order groups of unequal sizes, or a group (K for group_size -1) that is not one of GROUP_SIZES. The
+    CPU kernel rounds each group of its inputs to int8 with one scale (ops/cpu_int4.cpp): at 32 to 128
+    inputs that is measured (tests/quant); over a whole row of thousands, one outlier would set the step
+    of every input of the row."""
+    if scheme.bits != 4 or (scheme.group_size if scheme.group_size != -1 else shape[-1]) not in GROUP_SIZES:
         return None
     parts = _read_stored(scheme, packed, shape, stored)
     k = shape[1]

@@ -170,7 +170,7 @@ def test_4bit_linears_convert_exactly_to_linear_w4(tmp_path, case):
     y = linear_w4_kernel(gathered, weight.qweight, weight.scale, weight.offset, weight.group_size)
     assert relative_error(y, x.double() @ meant.double().T) < 1e-5
     rows = int4_weight(model_dir, shard=(0, 3, 11))
-    assert torch.equal(in_layer_order(rows), meant[3:11]) if rows.input_order is None else rows.qweight.shape[0] == 8
+    assert torch.equal(in_layer_order(rows), meant[3:11])
     inputs = int4_weight(model_dir, shard=(1, 32, 64))
     if reordered or group_size == 64:
         assert inputs is None  # the slice splits a group, or its inputs are scattered over the groups
