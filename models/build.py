@@ -54,11 +54,7 @@ def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec,
         if name == "lm_head" and spec.tie_word_embeddings:
             continue  # the embedding table reads the same float weight
         weight_name = f"{name}.weight"
-        dim, whole = tp.shard_dim(weight_name), list(module.weight.shape)
-        if dim is not None:
-            whole[dim] *= tp.size
-        shard = None if dim is None else (dim, *tp.span(whole[dim]))
-        weight = checkpoint.load_int4(weight_name, tuple(whole), shard)
+        weight = checkpoint.load_int4(weight_name, *_whole_and_shard(tp, weight_name, module.weight.shape))
         if weight is None:
             continue
         weight = weight.map_rows(lambda rows, n=weight_name: deinterleave_rope_rows(spec, n, rows))
@@ -67,6 +63,18 @@ def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec,
         reduce = isinstance(module, RowParallelLinear) and module.tp.size > 1 and module.reduce
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, Int4Linear(weight, module.weight.shape[1], module.bias, reduce))
+
+
+def _whole_and_shard(
+    tp: TensorParallel, name: str, local_shape: torch.Size
+) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """(the whole shape of tensor ``name``, of which this rank holds ``local_shape``; this rank's shard
+    (dim, start, end), or None where every rank holds all of it), as Checkpoint.load takes them."""
+    dim, whole = tp.shard_dim(name), list(local_shape)
+    if dim is None:
+        return tuple(whole), None
+    whole[dim] *= tp.size
+    return tuple(whole), (dim, *tp.span(whole[dim]))
 
 
 def _shared(order: torch.Tensor, seen: list[torch.Tensor]) -> torch.Tensor:
@@ -100,19 +108,15 @@ def build_model(
     with Checkpoint(model_dir, quantization_of(model_dir)) as checkpoint:
         keep_int4_linears(model, checkpoint, spec, tp)
         for name, param in list(model.named_parameters()):
-            dim = tp.shard_dim(name)
             router = spec.moe is not None and spec.moe.router_in_float32 and name.endswith(FLOAT32_ROUTER_TENSORS)
             load_dtype = torch.float32 if router else dtype
             if spec.moe is not None and name.endswith(EXPERT_TENSORS):
                 span = tp.span(spec.moe.expert_intermediate_size)
                 slots = model.get_submodule(name.rpartition(".")[0]).rows
                 tensor = load_experts(checkpoint, name, spec.moe, tuple(param.shape), dtype, span, slots)
-            elif dim is None:
-                tensor = checkpoint.load(name, tuple(param.shape), load_dtype)
-            else:
-                whole = list(param.shape)
-                whole[dim] *= tp.size
-                tensor = checkpoint.load(name, tuple(whole), dtype, (dim, *tp.span(whole[dim])))
+            else:  # a router's float32 tensors are never split
+                whole, shard = _whole_and_shard(tp, name, param.shape)
+                tensor = checkpoint.load(name, whole, load_dtype, shard)
             tensor = deinterleave_rope_rows(spec, name, tensor)
             owner_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner_name), leaf, torch.nn.Parameter(tensor, requires_grad=False))

@@ -278,12 +278,7 @@ class Int4Weight:
 
     def rows(self, start: int, end: int) -> Int4Weight:
         """Outputs [start, end): a column-parallel shard."""
-        return dataclasses.replace(
-            self,
-            qweight=self.qweight[start:end].contiguous(),
-            scale=self.scale[start:end].contiguous(),
-            offset=self.offset[start:end].contiguous(),
-        )
+        return self.map_rows(lambda tensor: tensor[start:end].contiguous())
 
     def map_rows(self, reorder: Callable[[torch.Tensor], torch.Tensor]) -> Int4Weight:
         """The same weight with its output rows moved by ``reorder`` (applied to every per-row tensor)."""
@@ -322,10 +317,10 @@ def read_int4(
     k = shape[1]
     fields = (0,) if scheme.method == "gptq" else (1, AWQ_FIELDS)  # GPTQ packs along K, AWQ along N
     q = unpack(parts.qweight, 4, *fields).t()  # [N, K]
-    order = None
-    if not torch.equal(parts.g_idx, torch.arange(k) // parts.group):
+    order, consecutive = None, torch.arange(k) // parts.group
+    if not torch.equal(parts.g_idx, consecutive):
         order = torch.argsort(parts.g_idx, stable=True)
-        if not torch.equal(parts.g_idx[order], torch.arange(k) // parts.group):
+        if not torch.equal(parts.g_idx[order], consecutive):
             return None  # groups of unequal sizes: no run of consecutive inputs holds each
         q = q[:, order]
     zeros, scales = parts.zeros.t().float(), parts.scales.t().contiguous()  # [N, G]

@@ -239,10 +239,14 @@ def test_tp2_matches_tp1_and_transformers(tp_run, architecture):
 
 def test_gptq_tp2_keeps_the_integers_and_matches_tp1(tp_run):
     """A 4-bit GPTQ checkpoint (groups of 32): every rank runs linear_w4 on its shard of the integers, the
-    row-parallel o_proj and down_proj split at a group boundary; the int4 kernel rounds each group of its
-    inputs to int8, so sums in another order can move a rounding step (tests/quant/test_int4_model.py)."""
+    row-parallel o_proj and down_proj split at a group boundary, and the split buckets hold as many
+    all-reduces as the float model's; the int4 kernel rounds each group of its inputs to int8, so sums in
+    another order can move a rounding step (tests/quant/test_int4_model.py)."""
     for root in (tp_run.tp1[GPTQ], tp_run.tp2[GPTQ]):
         assert read_manifest(root).checkpoint_quantization.linear_layers == 14
+    for bucket in (*WHOLE_BUCKETS, *SPLIT_BUCKETS):  # split_micro_batches splits linear_w4 as it does aten.linear
+        float_twin = collectives_and_moe_ops(tp_run.tp2["LlamaForCausalLM"], bucket)
+        assert collectives_and_moe_ops(tp_run.tp2[GPTQ], bucket) == float_twin, bucket
     logits = torch.tensor(tp_run.result(GPTQ)["logits"])
     assert relative_error(logits, tp_run.reference[GPTQ]["logits"]) < GPTQ_TOLERANCE
 
