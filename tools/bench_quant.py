@@ -122,8 +122,9 @@ def kernel_table(repeats: int) -> None:
     nbytes = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5 + 8 / group}
     elements = sum(w.numel() for w in weights)
     for rows in (1, 8, 512):
-        outs = {d: [torch.empty(rows, w.shape[0], dtype=getattr(torch, d)) for w in weights] for d in KERNEL_INPUT}
-        inputs = {d: [torch.randn(rows, w.shape[1]).to(getattr(torch, d)) for w in weights] for d in KERNEL_INPUT}
+        dtypes = set(KERNEL_INPUT.values())  # the activations' dtypes (KERNEL_INPUT's keys are weight formats)
+        outs = {d: [torch.empty(rows, w.shape[0], dtype=getattr(torch, d)) for w in weights] for d in dtypes}
+        inputs = {d: [torch.randn(rows, w.shape[1]).to(getattr(torch, d)) for w in weights] for d in dtypes}
         times: dict[str, list[float]] = {name: [] for name in packed}
 
         def run(name: str, inputs=inputs, outs=outs) -> None:

@@ -97,7 +97,27 @@ void block_tile(const typename L::T* x, int64_t x_stride, const typename L::T* b
   for (int m = 0; m < Rows; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   constexpr int64_t kLane = 16 * L::kStep;  // elements of one 16-output vector per K step
-  for (int64_t k = 0; k < k_size; k += L::kStep) {
+  int64_t k = 0;
+  if constexpr (Rows == 1) {
+    // One row is four chains of multiply-adds, each waiting on the one before: vdpbf16ps' latency, not the
+    // weight stream, then sets the pace (bfloat16 at 22 GB/s where float32 reads 30 on a Sapphire Rapids).
+    // A second set of sums for every other K step makes it eight chains: 29.6 GB/s, the stream's rate.
+    __m512 odd[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + L::kStep < k_size; k += 2 * L::kStep) {
+      const typename L::T* w = block + k * kBlock;
+      typename L::Input x0 = L::broadcast(x, k, k_size), x1 = L::broadcast(x, k + L::kStep, k_size);
+      acc[0][0] = L::madd(acc[0][0], L::load(w), x0);
+      acc[0][1] = L::madd(acc[0][1], L::load(w + kLane), x0);
+      acc[0][2] = L::madd(acc[0][2], L::load(w + 2 * kLane), x0);
+      acc[0][3] = L::madd(acc[0][3], L::load(w + 3 * kLane), x0);
+      odd[0] = L::madd(odd[0], L::load(w + 4 * kLane), x1);
+      odd[1] = L::madd(odd[1], L::load(w + 5 * kLane), x1);
+      odd[2] = L::madd(odd[2], L::load(w + 6 * kLane), x1);
+      odd[3] = L::madd(odd[3], L::load(w + 7 * kLane), x1);
+    }
+    for (int j = 0; j < 4; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], odd[j]);
+  }
+  for (; k < k_size; k += L::kStep) {
     const typename L::T* w = block + k * kBlock;
     typename L::Weights w0 = L::load(w), w1 = L::load(w + kLane), w2 = L::load(w + 2 * kLane),
                         w3 = L::load(w + 3 * kLane);
