@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 #include "cpu_avx2.h"
+#include "cpu_avx512.h"
 
 // Which kernel this build has: AVX512-VNNI (BF16 for bfloat16), else AVX2 with FMA for both dtypes.
 #if defined(__AVX512VNNI__)
@@ -51,21 +52,7 @@ constexpr int kTileRows = 6;
 
 #if defined(XLLM_INT8_VNNI)
 
-// 16 lanes of input as float32 (bfloat16 widened exactly); lanes past ``mask`` read as zero.
-inline __m512 load16(const float* x, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, x); }
-inline __m512 load16(const at::BFloat16* x, __mmask16 mask) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-inline void store16(float* out, __m512 value, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, value); }
-#if defined(__AVX512BF16__)
-inline void store16(at::BFloat16* out, __m512 value, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(value));
-}
-#endif
-
-inline __mmask16 lanes_mask(int64_t lanes) { return static_cast<__mmask16>((1u << lanes) - 1); }
+using namespace xllm_avx512;
 
 // One row: q[k] = round(x[k] * 127 / max|x|) (zero-padded to ``padded``), its scale max|x| / 127 and sum(q).
 template <typename T>
