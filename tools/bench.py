@@ -1,7 +1,8 @@
 """Benchmark the compiled model against transformers eager and torch.compile on CPU: compile, prefill, decode, RSS.
 
     python tools/bench.py [--quick] [--model-dir DIR | --preset NAME] [--dtype float32|bfloat16|both] [--threads N]
-                          [--runs N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH] [--plot PATH.png]
+                          [--runs N] [--rounds N] [--systems hf_eager,torch_compile,xllm_compiler] [--json PATH]
+                          [--plot PATH.png]
                           [--also-disable-pass NAME[,NAME...]]
                           [--quantize int8,int4|none]
                           [--llama-bench PATH [--llama-batched-bench PATH] [--llama-quant int8,int4|none]]
@@ -37,7 +38,7 @@ gets the same checkpoint, token-id prompts (seeded random ids) and thread count:
                  vendor/llama.cpp: `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
                  --target llama-bench llama-batched-bench -j2`; the binaries land in build/bin/.
 
-Figures, each the median, min and max of --runs runs:
+Figures, each the median, min and max of --runs runs (of every round's runs, with --rounds):
   compile_s         xllm_compiler: compile() wall time with the compile cache off (cache_dir="").
                     torch_compile: the first generate() (batch 1, 32-token prompt, 64 new tokens) in a fresh
                     process with an empty inductor cache dir. Every compile run is a fresh process.
@@ -56,8 +57,13 @@ serves B tokens, so decode figures are shown as a fraction of B x that limit (KV
 they are small at these lengths; for an MoE model B tokens read more experts than one does, so the fraction
 understates it).
 
+--rounds N measures every system and width N times over, round by round (ours, then llama.cpp, then again),
+and pools each figure's runs: on a machine whose memory bandwidth drifts from minute to minute (a shared VM),
+one round puts ours and the peer in different minutes, and a ratio of two batch-1 figures is then mostly the
+drift. Compile times and peak RSS are taken in the first round only.
+
 --json PATH writes a plain list of rows, one per figure: {"system", "dtype", "metric", "median", "min",
-"max", "unit"}, plus "error" (with median, min and max null) when a figure could not be measured.
+"max", "unit", "samples"}, plus "error" (with median, min and max null) when a figure could not be measured.
 Machine facts (bandwidth, limits, threads) and the correctness check (greedy tokens of each system
 against hf_eager), each system's speed-up over hf_eager (and ours over llama_cpp's, when it ran), for our
 artifacts the KV cache bytes per token (and what expanded K/V would take, for MLA), and for llama_cpp its
@@ -434,10 +440,22 @@ def make_row(system: str, dtype: str, metric: str, entry: dict) -> dict:
         "min": min(samples) if samples else None,
         "max": max(samples) if samples else None,
         "unit": UNITS.get(metric, "tok/s"),
+        "samples": list(samples),
     }
     if not samples:
         row["error"] = entry.get("error", "not measured")
     return row
+
+
+def pool_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (system, dtype, metric), its samples those of every round's row (first-seen order); a
+    figure no round measured keeps the first round's error."""
+    pooled: dict[tuple[str, str, str], dict] = {}
+    for row in rows:
+        key = (row["system"], row["dtype"], row["metric"])
+        entry = pooled.setdefault(key, {"samples": [], "error": row.get("error")})
+        entry["samples"] += row["samples"]
+    return [make_row(*key, entry) for key, entry in pooled.items()]
 
 
 def format_value(value: float) -> str:
@@ -619,6 +637,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, every system")
     parser.add_argument("--runs", type=int, help="timed runs per figure (default 3; --quick: 2, one compile run)")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, fewer runs")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every system this many times over, in turn, and pool the runs"
+    )
     parser.add_argument("--json", type=Path, help="write the rows (a list of dicts) here")
     parser.add_argument("--plot", type=Path, help="write a PNG of decode tokens/s per batch size here")
     parser.add_argument(
@@ -667,6 +688,8 @@ def main() -> None:
     dtype_choice = args.dtype or "both"
     dtypes = list(DTYPES) if dtype_choice == "both" else [dtype_choice]
     runs = args.runs or (2 if args.quick else 3)
+    if args.rounds < 1:
+        parser.error("--rounds takes a positive count")
     compile_runs = 1 if args.quick else runs
     batches = [1, 8] if args.quick else [1, 8, 32]
     torch.set_num_threads(args.threads)
@@ -703,49 +726,57 @@ def main() -> None:
         results: dict[tuple[str, str], dict] = {}
         rows: list[dict] = []
         rss_info: dict[tuple[str, str], dict] = {}
-        for dtype in dtypes + ours_quantized:
-            for system in columns if dtype in DTYPES else ["xllm_compiler"]:
-                disabled = variants.get(system, [])
-                spec = dict(
-                    system="xllm_compiler" if disabled else system,
-                    disable_passes=disabled,
-                    dtype=dtype,
-                    model_dir=str(model_dir),
-                    artifact=str(work / "-".join(["artifact", dtype, *disabled])),
-                    vocab=vocab,
-                    threads=args.threads,
-                    runs=runs,
-                    batches=batches,
-                )
-                console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: measuring")
-                inductor_cache = work / f"inductor-measure-{system}-{dtype}"
-                measured = run_worker(spec | {"mode": "measure"}, work, inductor_cache)
-                results[(system, dtype)] = measured
-                metrics = measured.get("metrics", {})
-                if spec["system"] != "hf_eager":
-                    for run in range(1, compile_runs):
-                        extra = run_worker(spec | {"mode": "compile", "artifact": f"{spec['artifact']}-{run}"}, work)
-                        sample = extra.get("metrics", {}).get("compile_s", {}).get("samples", [])
-                        metrics.setdefault("compile_s", {}).setdefault("samples", []).extend(sample)
-                console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: peak RSS")
-                rss_spec = spec | {"mode": "rss", "runs": 1 if args.quick else runs}
-                rss = run_worker(rss_spec, work, inductor_cache)  # a warm inductor cache: its compile is not timed
-                rss_info[(system, dtype)] = rss.get("info", {})
-                metrics["peak_rss_mb"] = rss.get("metrics", {}).get("peak_rss_mb", {"error": rss.get("error")})
-                names = ["compile_s"] * (spec["system"] != "hf_eager") + ["prefill_512_s", *map(decode_metric, batches)]
-                for metric in [*names, "peak_rss_mb"]:
-                    entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
-                    rows.append(make_row(system, dtype, metric, entry))
-
-        shown, notes = columns, {}
-        if args.llama_bench:
-            console.print(f"[{time.perf_counter() - start:6.0f} s] {LLAMA_CPP}: converting and measuring")
-            llama_rows, notes = measure_llama_cpp(console, args, model_dir, work, dtypes + quant, runs, batches)
-            rows += llama_rows
-            shown = [*columns, LLAMA_CPP]
-            for dtype in quant:  # a GGUF file's own bytes: what llama.cpp reads per step at that width
-                per_step = notes.get(dtype, {}).get("bytes_per_step")
-                limits[dtype] = bandwidth * 1e9 / per_step if per_step else limits.get(dtype)
+        shown = [*columns, LLAMA_CPP] if args.llama_bench else columns
+        notes: dict[str, dict] = {}
+        figures = ["prefill_512_s", *map(decode_metric, batches)]  # what every round measures
+        for round_index in range(args.rounds):
+            label = f" (round {round_index + 1} of {args.rounds})" if args.rounds > 1 else ""
+            for dtype in dtypes + ours_quantized:
+                for system in columns if dtype in DTYPES else ["xllm_compiler"]:
+                    disabled = variants.get(system, [])
+                    spec = dict(
+                        system="xllm_compiler" if disabled else system,
+                        disable_passes=disabled,
+                        dtype=dtype,
+                        model_dir=str(model_dir),
+                        artifact=str(work / "-".join(["artifact", dtype, *disabled])),
+                        vocab=vocab,
+                        threads=args.threads,
+                        runs=runs,
+                        batches=batches,
+                    )
+                    console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: measuring{label}")
+                    inductor_cache = work / f"inductor-measure-{system}-{dtype}"
+                    measured = run_worker(spec | {"mode": "measure"}, work, inductor_cache)
+                    results.setdefault((system, dtype), measured)
+                    metrics = measured.get("metrics", {})
+                    if round_index > 0:
+                        rows += [make_row(system, dtype, m, metrics.get(m) or {"error": "-"}) for m in figures]
+                        continue
+                    names = ["compile_s"] * (spec["system"] != "hf_eager") + figures
+                    if spec["system"] != "hf_eager":
+                        for run in range(1, compile_runs):
+                            extra = run_worker(
+                                spec | {"mode": "compile", "artifact": f"{spec['artifact']}-{run}"}, work
+                            )
+                            sample = extra.get("metrics", {}).get("compile_s", {}).get("samples", [])
+                            metrics.setdefault("compile_s", {}).setdefault("samples", []).extend(sample)
+                    console.print(f"[{time.perf_counter() - start:6.0f} s] {dtype} {system}: peak RSS")
+                    rss_spec = spec | {"mode": "rss", "runs": 1 if args.quick else runs}
+                    rss = run_worker(rss_spec, work, inductor_cache)  # a warm inductor cache: its compile is not timed
+                    rss_info[(system, dtype)] = rss.get("info", {})
+                    metrics["peak_rss_mb"] = rss.get("metrics", {}).get("peak_rss_mb", {"error": rss.get("error")})
+                    for metric in [*names, "peak_rss_mb"]:
+                        entry = metrics.get(metric) or {"error": measured.get("error", "not measured")}
+                        rows.append(make_row(system, dtype, metric, entry))
+            if args.llama_bench:
+                console.print(f"[{time.perf_counter() - start:6.0f} s] {LLAMA_CPP}: converting and measuring{label}")
+                llama_rows, notes = measure_llama_cpp(console, args, model_dir, work, dtypes + quant, runs, batches)
+                rows += llama_rows
+        rows = pool_rounds(rows)
+        for dtype in quant if args.llama_bench else []:  # a GGUF file's own bytes: what llama.cpp reads per step
+            per_step = notes.get(dtype, {}).get("bytes_per_step")
+            limits[dtype] = bandwidth * 1e9 / per_step if per_step else limits.get(dtype)
         tables = dtypes + [w for w in QUANTIZED if w in ours_quantized or (args.llama_bench and w in quant)]
 
         elapsed = time.perf_counter() - start

@@ -166,3 +166,22 @@ def test_bench_converts_each_variant_and_makes_llama_cpp_rows(tmp_path):
     args.llama_bench = tmp_path / "missing"
     rows, _ = bench.measure_llama_cpp(console, args, checkpoint, tmp_path, ["bfloat16"], 2, [1, 8])
     assert len(rows) == 3 and all(r["median"] is None and "missing: no such file" in r["error"] for r in rows)
+
+
+def test_rounds_pool_each_figures_runs_and_keep_an_error_no_round_cleared():
+    rounds = [
+        bench.make_row("xllm_compiler", "int8", "decode_bs1_tok_s", {"samples": [180.0, 190.0]}),
+        bench.make_row("llama_cpp", "int8", "decode_bs1_tok_s", {"error": "not measured"}),
+        bench.make_row("xllm_compiler", "int8", "decode_bs1_tok_s", {"samples": [230.0]}),
+        bench.make_row("llama_cpp", "int8", "decode_bs1_tok_s", {"error": "-"}),
+    ]
+    ours, peer = bench.pool_rounds(rounds)
+    assert (ours["system"], ours["samples"], ours["median"], ours["min"], ours["max"]) == (
+        "xllm_compiler",
+        [180.0, 190.0, 230.0],
+        190.0,
+        180.0,
+        230.0,
+    )
+    assert "error" not in ours
+    assert (peer["system"], peer["median"], peer["error"]) == ("llama_cpp", None, "not measured")
