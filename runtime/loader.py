@@ -128,6 +128,7 @@ def load(
 
     graphs = {name: graph for name, (graph, _, _) in read.items()}
     weights = _read_weights(root, weights_name, torch_device, verifier, platform.weight_preparer(graphs))
+    platform.place_weights(weights)
     expert_counts = _fresh_expert_counts(graphs[FALLBACK_GRAPH], weights)
     arena = torch.empty(arena_bytes, dtype=torch.uint8, device=torch_device)
     views = {name: arena_views(arena, buffers) for name, (_, _, buffers) in read.items()}

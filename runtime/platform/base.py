@@ -78,6 +78,10 @@ class Platform:
         (a platform that repacks weights does it there, one tensor at a time); None keeps them as read."""
         return None
 
+    def place_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Move the weights as prepared (in place, same values) to where this device reads them fastest;
+        the default leaves them where they were read."""
+
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         """Rewrite loaded graphs (and their weights) in place for this device; the default keeps them."""
 

@@ -36,6 +36,7 @@ from torch import fx
 from xllm_compiler.ops import KERNELS, moe
 from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
 from xllm_compiler.runtime.platform.base import Platform, available_host_memory
+from xllm_compiler.runtime.platform.huge_pages import place_in_huge_pages
 from xllm_compiler.runtime.weights import PrepareWeight
 
 aten = torch.ops.aten
@@ -97,6 +98,10 @@ class CpuPlatform(Platform):
             return {name: tensor} if name in as_linear | as_gather | as_other | as_experts else {}
 
         return prepare
+
+    def place_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """In transparent huge pages (runtime/platform/huge_pages.py): a decode step streams them all."""
+        place_in_huge_pages(weights)
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         """Rewrite the graphs onto the weights ``weight_preparer`` made: a linear layer (or embedding)
