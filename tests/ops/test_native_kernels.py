@@ -109,8 +109,9 @@ def decode_step(dtype, heads=6, kv_heads=2, dim=8, block_size=4):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_decode_stores_then_attends_in_place(dtype, window):
-    (query, key, value, kv_cache), metadata, lengths = decode_step(dtype)
+@pytest.mark.parametrize("dim", [8, 64, 128])  # 64 and 128: the register-resident heads of AVX-512 builds
+def test_paged_decode_stores_then_attends_in_place(dtype, window, dim):
+    (query, key, value, kv_cache), metadata, lengths = decode_step(dtype, dim=dim)
     scale = query.shape[-1] ** -0.5
     expected_cache = kv_cache.clone()
     write_kv_cache_kernel(key, value, expected_cache, metadata["slot_mapping"])

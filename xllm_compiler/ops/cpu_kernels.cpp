@@ -181,16 +181,98 @@ void rotary_embedding_out(torch::Tensor query, torch::Tensor key, torch::Tensor 
   });
 }
 
-// Decode attention over the paged cache, reading K/V in place (no gather): one query token per
-// row, row r belonging to sequence seq_of_row[r]; rows x heads run in parallel. Scores and the
-// softmax are float; the output is rounded once.
+// s[i] = exp(s[i] - shift) over n scores; returns their sum. SLEEF's 16-lane exp where AVX-512 is built.
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(shift)));
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - shift);
+    total += s[i];
+  }
+  return total;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+inline float sum16(__m512 v) {  // a tree, not _mm512_reduce_add_ps's chain of 16 scalar adds (GCC 12)
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+// One head over its keys for dim = 16 * Vectors, float32 or bfloat16 rows widened exactly: the query and
+// the output's sums stay in registers (a sum in memory waits on its own store at every key), scores in
+// ``scores`` (``for_each_key(body)`` calls body(i, offset of key i's row)). Scalar, this head's loops were
+// the kernel's time: 12 heads (2 of K/V) over 512 keys, bfloat16, 2 threads, 94 -> 24 us; over 33, 8.6 -> 4.6.
+template <int Vectors, typename T, typename Keys>
+void attend_head(const T* q, const T* keys, const T* values, float* scores, int64_t count, const Keys& for_each_key,
+                 float scale, T* dst) {
+  __m512 query[Vectors], sum[Vectors];
+  for (int v = 0; v < Vectors; ++v) {
+    query[v] = load16(q + 16 * v);
+    sum[v] = _mm512_setzero_ps();
+  }
+  float best = -INFINITY;
+  for_each_key([&](int64_t i, int64_t at) {
+    __m512 dot = _mm512_mul_ps(query[0], load16(keys + at));
+    for (int v = 1; v < Vectors; ++v) dot = _mm512_fmadd_ps(query[v], load16(keys + at + 16 * v), dot);
+    scores[i] = sum16(dot) * scale;
+    best = std::max(best, scores[i]);
+  });
+  const float inverse = 1.f / exp_shifted(scores, count, best);
+  for_each_key([&](int64_t i, int64_t at) {
+    const __m512 p = _mm512_set1_ps(scores[i] * inverse);
+    for (int v = 0; v < Vectors; ++v) sum[v] = _mm512_fmadd_ps(p, load16(values + at + 16 * v), sum[v]);
+  });
+  for (int v = 0; v < Vectors; ++v) store16(dst + 16 * v, sum[v]);
+}
+#endif
+
+// One head over its keys for any dim and dtype: the scalar form of attend_head.
+template <typename T, typename Keys>
+void attend_head_any(const T* q, const T* keys, const T* values, float* scores, int64_t count, const Keys& for_each_key,
+                     int64_t dim, float scale, float* acc, T* dst) {
+  float best = -INFINITY;
+  for_each_key([&](int64_t i, int64_t at) {
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)  // vectorised (the sum in lanes): scalar, this loop was most of the kernel
+    for (int64_t d = 0; d < dim; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(keys[at + d]);
+    scores[i] = dot * scale;
+    best = std::max(best, scores[i]);
+  });
+  const float total = exp_shifted(scores, count, best);
+  std::fill(acc, acc + dim, 0.f);
+  for_each_key([&](int64_t i, int64_t at) {
+    const float p = scores[i] / total;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(values[at + d]);
+  });
+  for (int64_t d = 0; d < dim; ++d) dst[d] = round_to<T>(acc[d]);
+}
+
+// Decode attention over the paged cache, reading K/V in place (no gather): one query token per row, row r
+// belonging to sequence seq_of_row[r]; rows x heads run in parallel, in chunks of at least
+// kParallelWork multiply-adds (a short context's heads are less work than handing them to another thread).
+// Scores and the softmax are float; the output is rounded once.
 template <typename T>
 void decode_rows(const T* query, const T* keys, const T* values, const int32_t* tables, const int64_t* seq_of_row,
                  const int64_t* lengths, T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,
                  int64_t block_size, int64_t table_width, int64_t query_row_stride, float scale, int64_t window) {
+  constexpr int64_t kParallelWork = 1 << 15;
   int64_t group = heads / kv_heads;
   int64_t slot_stride = kv_heads * dim;
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+  int64_t longest = 1;
+  for (int64_t r = 0; r < rows; ++r) longest = std::max(longest, window > 0 ? std::min(lengths[r], window) : lengths[r]);
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / (2 * longest * dim));
+  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc(dim);
     for (int64_t index = begin; index < end; ++index) {
@@ -200,29 +282,33 @@ void decode_rows(const T* query, const T* keys, const T* values, const int32_t* 
       const T* q = query + r * query_row_stride + h * dim;
       const int32_t* table = tables + seq_of_row[r] * table_width;
       scores.resize(length - first);
-      float best = -INFINITY;
-      for (int64_t j = first; j < length; ++j) {
-        const T* k = keys + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * slot_stride + kvh * dim;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)  // vectorised (the sum in lanes): scalar, this loop was most of the kernel
-        for (int64_t d = 0; d < dim; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
-        dot *= scale;
-        scores[j - first] = dot;
-        best = std::max(best, dot);
-      }
-      float total = 0.f;
-      for (auto& s : scores) {
-        s = std::exp(s - best);
-        total += s;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = first; j < length; ++j) {
-        const T* v = values + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * slot_stride + kvh * dim;
-        float p = scores[j - first] / total;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(v[d]);
-      }
+      // Key j's slot, block by block: a division per key (block_size is known only at run time) cost more
+      // than its dot product.
+      auto for_each_key = [&](auto&& body) {
+        for (int64_t j = first, b = first / block_size, offset = first % block_size; j < length; ++b, offset = 0) {
+          const int64_t base = static_cast<int64_t>(table[b]) * block_size + offset;
+          const int64_t count = std::min(block_size - offset, length - j);
+          for (int64_t i = 0; i < count; ++i) body(j - first + i, (base + i) * slot_stride);
+          j += count;
+        }
+      };
+      const T* k = keys + kvh * dim;
+      const T* v = values + kvh * dim;
       T* dst = out + (r * heads + h) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = round_to<T>(acc[d]);
+      const int64_t count = length - first;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+        if (dim == 64) {
+          attend_head<4>(q, k, v, scores.data(), count, for_each_key, scale, dst);
+          continue;
+        }
+        if (dim == 128) {
+          attend_head<8>(q, k, v, scores.data(), count, for_each_key, scale, dst);
+          continue;
+        }
+      }
+#endif
+      attend_head_any(q, k, v, scores.data(), count, for_each_key, dim, scale, acc.data(), dst);
     }
   });
 }
