@@ -37,6 +37,7 @@ from xllm_compiler.ops import KERNELS, moe
 from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
 from xllm_compiler.runtime.platform.base import Platform, available_host_memory
 from xllm_compiler.runtime.platform.huge_pages import place_in_huge_pages
+from xllm_compiler.runtime.platform.shape_ops import TENSOR_METHODS, use_tensor_methods
 from xllm_compiler.runtime.weights import PrepareWeight
 
 aten = torch.ops.aten
@@ -53,12 +54,13 @@ PACKED_SUFFIX = "_packed"
 
 def lowered_targets() -> frozenset:
     """What lowered graphs may call besides allowlisted ops: our kernels (native where built, else
-    composites) and the packed linear layers."""
+    composites), the packed linear layers and the shape ops' Tensor-method forms (shape_ops.py)."""
     native = native_kernels()
     packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
     packed += [native.int8_linear_out, native.int8_linear, native.int4_linear_out, native.int4_linear]
     packed += moe.PACKED_KERNELS.values()
-    return frozenset([*KERNELS.values(), *native_cpu_kernels().values(), *(packed if native is not None else [])])
+    kernels = [*KERNELS.values(), *native_cpu_kernels().values(), *TENSOR_METHODS.values()]
+    return frozenset([*kernels, *(packed if native is not None else [])])
 
 
 def packable_dtypes() -> set[torch.dtype]:
@@ -130,6 +132,7 @@ class CpuPlatform(Platform):
                     node.target, node.args = aten.index_select.out, (node.args[0], 0, node.args[1])
             for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
                 graph.erase_node(node)  # the plain weight of a now-packed linear
+            use_tensor_methods(graph)
         used = {n.target for g in graphs.values() for n in g.nodes if n.op == "get_attr"}
         for name in [name for name in weights if name not in used]:
             del weights[name]
