@@ -389,6 +389,7 @@ void silu_and_mul_span(const at::BFloat16* gate, const at::BFloat16* up, at::BFl
 void register_linear(pybind11::module& m);  // cpu_linear.cpp
 void register_quant(pybind11::module& m);   // cpu_quant.cpp
 void register_int4(pybind11::module& m);    // cpu_int4.cpp
+void register_moe_routing(pybind11::module& m);  // cpu_moe_routing.cpp
 
 // Argument names are the xllm:: op schemas' (graphs may pass any argument by keyword).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -402,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_linear(m);
   register_quant(m);
   register_int4(m);
+  register_moe_routing(m);
   m.def("paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
         py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),

@@ -323,8 +323,11 @@ def packed_moe_experts_out(
     *,
     intermediate: int,
 ) -> None:
-    local = _counted_local_ids(topk_ids, expert_table, replicas, expert_counts, slot_mapping)
-    native_kernels().packed_moe_experts_out(hidden, topk_weights, local, gate_up, down, intermediate, out)
+    native = native_kernels()
+    if expert_counts is not None and slot_mapping is not None:
+        native.count_routed(topk_ids, expert_counts, slot_mapping, PAD_SLOT)  # count_routed's loop, on the host
+    local = local_expert_ids(topk_ids, expert_table, replicas, slot_mapping)
+    native.packed_moe_experts_out(hidden, topk_weights, local, gate_up, down, intermediate, out)
 
 
 def packed_moe_experts(
@@ -362,7 +365,8 @@ def packed_fused_moe_out(
     *,
     intermediate: int,
 ) -> None:
-    weights, ids = _route(hidden, router_logits, top_k, renormalise, weights_in_hidden_dtype)
+    weights, ids = native_kernels().route_topk(router_logits, top_k, renormalise)  # route_topk, one native call
+    weights = weights.to(hidden.dtype) if weights_in_hidden_dtype else weights
     routing = (expert_table, replicas, expert_counts, slot_mapping)
     packed_moe_experts_out(hidden, weights, ids, gate_up, down, out, *routing, intermediate=intermediate)
 

@@ -28,7 +28,8 @@ from types import ModuleType
 from filelock import FileLock
 
 SOURCES = [
-    Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp", "cpu_int4.cpp")
+    Path(__file__).with_name(name)
+    for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp", "cpu_int4.cpp", "cpu_moe_routing.cpp")
 ]
 #: Included by the sources: part of what a build is keyed by, not compiled on their own.
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_avx2.h", "cpu_avx512.h")]
