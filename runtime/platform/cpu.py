@@ -55,12 +55,13 @@ PACKED_SUFFIX = "_packed"
 def lowered_targets() -> frozenset:
     """What lowered graphs may call besides allowlisted ops: our kernels (native where built, else
     composites), the packed linear layers and the shape ops' Tensor-method forms (shape_ops.py)."""
+    kernels = [*KERNELS.values(), *native_cpu_kernels().values(), *TENSOR_METHODS.values()]
     native = native_kernels()
+    if native is None:
+        return frozenset(kernels)
     packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
     packed += [native.int8_linear_out, native.int8_linear, native.int4_linear_out, native.int4_linear]
-    packed += moe.PACKED_KERNELS.values()
-    kernels = [*KERNELS.values(), *native_cpu_kernels().values(), *TENSOR_METHODS.values()]
-    return frozenset([*kernels, *(packed if native is not None else [])])
+    return frozenset([*kernels, *packed, *moe.PACKED_KERNELS.values()])
 
 
 def packable_dtypes() -> set[torch.dtype]:
