@@ -25,6 +25,7 @@ On the CPU with the native kernels built, the platform lowers all four ops to ``
 packed matrix per expert, ops/cpu_linear.cpp's layout) and one C++ call groups the rows, runs each expert
 through the packed linear kernel (gate and up merged), SiLU·mul, the down projection and the weighted
 combine, in the same order and rounding as the grouped kernel, which stays the reference and the fallback.
+The routing of ``fused_moe`` and the counting run in native loops there too (ops/cpu_moe_routing.cpp).
 
 ``xllm::fused_moe`` takes the router logits instead of the routing: softmax, top-k and the renormalising
 (``reference.route_topk``) happen inside, so a device kernel can route and dispatch in one launch. The
