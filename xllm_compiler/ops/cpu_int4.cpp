@@ -37,6 +37,10 @@
 #include "cpu_avx2.h"
 #include "cpu_avx512.h"
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define XLLM_INT4_VNNI 1  // the VNNI tile below is built
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 32;  // outputs per packed block: four 8-lane vectors
@@ -103,7 +107,7 @@ void block_tile(const int8_t* q, int64_t q_stride, const float* x_scale, const f
   }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(XLLM_INT4_VNNI)
 // Which input dtypes take the VNNI tile: float32 always, bfloat16 where store16 rounds it (AVX512-BF16).
 template <typename T>
 constexpr bool kVnni = std::is_same_v<T, float>
@@ -172,7 +176,7 @@ template <typename T, int Rows>
 void block_rows(const int8_t* q, int64_t q_stride, const float* x_scale, const float* x_sum, int64_t groups,
                 const uint8_t* block, int64_t group_steps, const float* scale, const float* offset, const T* bias,
                 T* out, int64_t out_stride, int64_t valid) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(XLLM_INT4_VNNI)
   if constexpr (kVnni<T>) {
     block_tile_vnni<T, Rows>(q, q_stride, x_scale, x_sum, groups, block, group_steps, scale, offset, bias, out,
                              out_stride, valid);
