@@ -35,9 +35,11 @@ from torch import fx
 
 from xllm_compiler.ops import KERNELS, moe
 from xllm_compiler.ops.native import native_cpu_kernels, native_kernels
+from xllm_compiler.runtime.cpu_replay import CpuGraphRunner
 from xllm_compiler.runtime.platform.base import Platform, available_host_memory
 from xllm_compiler.runtime.platform.huge_pages import place_in_huge_pages
 from xllm_compiler.runtime.platform.shape_ops import TENSOR_METHODS, use_tensor_methods
+from xllm_compiler.runtime.replay import RunnerFactory
 from xllm_compiler.runtime.weights import PrepareWeight
 
 aten = torch.ops.aten
@@ -105,6 +107,10 @@ class CpuPlatform(Platform):
     def place_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """In transparent huge pages (runtime/platform/huge_pages.py): a decode step streams them all."""
         place_in_huge_pages(weights)
+
+    def graph_runner(self) -> RunnerFactory:
+        """Bucket graphs replay as their recorded calls, without the generated forward (runtime/cpu_replay.py)."""
+        return CpuGraphRunner
 
     def lower(self, graphs: dict[str, fx.Graph], weights: dict[str, torch.Tensor]) -> None:
         """Rewrite the graphs onto the weights ``weight_preparer`` made: a linear layer (or embedding)

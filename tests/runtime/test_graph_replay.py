@@ -97,12 +97,6 @@ def run_recording(model, sets: list[list[list[int]]]) -> tuple[list[list[list[in
         del model.engine.step
 
 
-def test_cpu_runs_every_graph_eagerly(small_model):
-    graphs = small_model.engine.graphs
-    assert CpuPlatform().graph_runner() is None
-    assert graphs.runner("decode_1") is graphs.module("decode_1")
-
-
 @pytest.mark.parametrize("max_resident_graphs", [None, 1])
 def test_bucket_graphs_run_through_the_platforms_runner(small_artifact, small_model, monkeypatch, max_resident_graphs):
     sets = prompt_sets(small_model.vocab_size)

@@ -183,10 +183,10 @@ def test_activations_are_written_into_the_arena(artifact):
 def allocations_inside_graph_calls(model, run) -> list[int]:
     """Bytes of every allocation made inside a bucket graph call while ``run()`` runs (torch.profiler)."""
     graphs = model.engine.graphs
-    module = graphs.module
+    runner = graphs.runner
 
     def labelled(name: str):
-        graph = module(name)
+        graph = runner(name)
 
         def call(*args):
             with record_function("bucket graph"):
@@ -194,12 +194,12 @@ def allocations_inside_graph_calls(model, run) -> list[int]:
 
         return call
 
-    graphs.module = labelled
+    graphs.runner = labelled
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
     finally:
-        graphs.module = module
+        del graphs.runner
 
     def inside(event) -> bool:
         parent = event.cpu_parent
