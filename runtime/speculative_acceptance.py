@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from xllm_compiler.runtime.sampling import greedy_tokens
+
 
 def accept_greedy(proposals: list[int], target_logits: torch.Tensor) -> list[int]:
     """Kept proposals plus the target's next token; ``target_logits`` is [len(proposals) + 1, vocab]."""
-    best = target_logits.argmax(dim=-1).tolist()
+    best = greedy_tokens(target_logits)
     kept = 0
     while kept < len(proposals) and proposals[kept] == best[kept]:
         kept += 1
