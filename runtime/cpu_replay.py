@@ -77,7 +77,7 @@ class CpuGraphRunner:
             result = target(*call_args, **call_kwargs)
             if register is not None:
                 registers[register] = result
-        return tuple(_fill(self._outputs, registers))
+        return _fill(self._outputs, registers)  # what the module returns
 
     def _capture(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         # Outside inference mode, so that the buffers and views kept here are normal tensors: a later
@@ -96,7 +96,7 @@ class CpuGraphRunner:
                 else:
                     self._outputs = fx.node.map_arg(node.args[0], values.__getitem__)
         self.inputs = inputs
-        return tuple(_fill(self._outputs, self._registers))
+        return _fill(self._outputs, self._registers)
 
     def _record(self, node: fx.Node, values: dict[fx.Node, Any]) -> Any:
         """Run ``node`` on the values so far; what later nodes read of it (a value, or a Register)."""
