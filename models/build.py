@@ -44,7 +44,7 @@ def deinterleave_rope_rows(spec: ModelSpec, name: str, tensor: torch.Tensor) -> 
 
 
 def keep_int4_linears(model: nn.Module, checkpoint: Checkpoint, spec: ModelSpec, tp: TensorParallel) -> None:
-    """Replace each linear layer whose weight the checkpoint stores as 4-bit GPTQ / AWQ integers that
+    """Replace each linear layer whose weight the checkpoint stores as GPTQ / AWQ integers that
     linear_w4 holds exactly (``Checkpoint.load_int4``) by an Int4Linear on them (this rank's shard). The
     others keep their float weights, loaded dequantized."""
     orders: list[torch.Tensor] = []

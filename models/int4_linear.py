@@ -1,11 +1,12 @@
-"""A linear layer on a checkpoint's 4-bit GPTQ / AWQ weight, kept in its integers: ``xllm::linear_w4``.
+"""A linear layer on a checkpoint's 4- or 8-bit GPTQ / AWQ weight, kept in its integers: ``xllm::linear_w4``.
 
 A GPTQ or AWQ checkpoint means ``(q - zero) * scale`` per group of inputs; linear_w4 computes ``q * scale +
 offset`` per group, the same values with ``offset = -zero * scale`` (models/int_quant.py converts them at
 load, exactly). So the compiled model reads the checkpoint's own 4.5 bits a weight instead of a float copy,
 and no rounding is added on top of the one its quantizer made. Act-order checkpoints, whose groups are
 scattered over the inputs, have their inputs sorted by group at load: the layer gathers its input in that
-order (one ``index_select`` of K values a row) before the product.
+order (one ``index_select`` of K values a row) before the product. An 8-bit weight is two 4-bit planes over
+the same inputs, so its gather reads each input twice (2K values a row).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """GPTQ and AWQ checkpoints as published (packed int4/int8 weights, per-group scales and zero points):
-4-bit linears converted to xllm::linear_w4's form (``read_int4``), the others dequantized to float32.
+linears converted to xllm::linear_w4's form (``read_int4``; 8 bits as two 4-bit planes), the others
+dequantized to float32.
 
 GPTQ (AutoGPTQ, GPTQModel, optimum; ``quant_method: gptq``) stores a linear ``X`` of N outputs, K inputs as
 
@@ -261,10 +262,11 @@ def read_dequantized(
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A 4-bit linear of a checkpoint in ``xllm::linear_w4``'s form (ops/quant.py), converted exactly:
-    ``(q - zero) * scale = q * scale + offset`` with ``offset = -zero * scale``. With act-order the
-    inputs are sorted by group, so that each group is a run of consecutive inputs again, and
-    ``input_order`` says which input of the layer each kernel input is: ``y = x[..., input_order] @ W.T``."""
+    """A 4- or 8-bit linear of a checkpoint in ``xllm::linear_w4``'s form (ops/quant.py), converted exactly:
+    ``(q - zero) * scale = q * scale + offset`` with ``offset = -zero * scale`` (8 bits: two planes of 4,
+    see ``read_int4``). With act-order the inputs are sorted by group, so that each group is a run of
+    consecutive inputs again, and ``input_order`` says which input of the layer each kernel input is:
+    ``y = x[..., input_order] @ W.T``."""
 
     qweight: torch.Tensor
     """uint8 [N, ceil(K/2)], two values a byte (ops/quant.py's pack_int4)."""
@@ -306,25 +308,51 @@ def read_int4(
     shape: tuple[int, ...],
     stored: Callable[[str], tuple[str, Any] | None],
 ) -> Int4Weight | None:
-    """Packed linear ``packed`` (``X.qweight``) as an Int4Weight, or None where it loads dequantized: 8 bits,
-    act-order groups of unequal sizes, or a group (K for group_size -1) that is not one of GROUP_SIZES. The
-    CPU kernel rounds each group of its inputs to int8 with one scale (ops/cpu_int4.cpp): at 32 to 128
-    inputs that is measured (tests/quant); over a whole row of thousands, one outlier would set the step
-    of every input of the row."""
-    if scheme.bits != 4 or (scheme.group_size if scheme.group_size != -1 else shape[-1]) not in GROUP_SIZES:
+    """Packed linear ``packed`` (``X.qweight``) as an Int4Weight, or None where it loads dequantized: act-order
+    groups of unequal sizes, a group that is not one of GROUP_SIZES, or (8 bits) groups that do not tile K.
+    The CPU kernel rounds each group of its inputs to int8 with one scale (ops/cpu_int4.cpp): at 32 to 128
+    inputs that is measured (tests/quant); over a whole row of thousands, one outlier would set the step of
+    every input of the row. So a checkpoint with one group a row (group_size -1), whose zero and scale are
+    the same all along the row, is cut into the largest of GROUP_SIZES that divides K: the same values.
+
+    8 bits are two 4-bit planes: ``q = 16 hi + lo``, so ``(q - zero) * scale = hi * 16 scale - zero * scale +
+    lo * scale``, each term exact in float32 as above. The planes are laid side by side along K (the high
+    one first), with scales (16 scale, scale) and offsets (-zero * scale, 0), and the layer's input is read
+    twice (``input_order`` lists every input for each plane): one linear_w4 of 2K inputs on 8 bits a weight,
+    the checkpoint's own integers, no second kernel."""
+    k = shape[1]
+    group = scheme.group_size if scheme.group_size != -1 else _row_group(k)
+    if group not in GROUP_SIZES or (scheme.bits == 8 and k % group):
         return None
     parts = _read_stored(scheme, packed, shape, stored)
-    k = shape[1]
     fields = (0,) if scheme.method == "gptq" else (1, AWQ_FIELDS)  # GPTQ packs along K, AWQ along N
-    q = unpack(parts.qweight, 4, *fields).t()  # [N, K]
-    order, consecutive = None, torch.arange(k) // parts.group
-    if not torch.equal(parts.g_idx, consecutive):
+    q = unpack(parts.qweight, scheme.bits, *fields).t()  # [N, K]
+    order, consecutive = None, torch.arange(k) // group
+    if scheme.group_size != -1 and not torch.equal(parts.g_idx, consecutive):  # one group a row needs no order
         order = torch.argsort(parts.g_idx, stable=True)
         if not torch.equal(parts.g_idx[order], consecutive):
             return None  # groups of unequal sizes: no run of consecutive inputs holds each
         q = q[:, order]
-    zeros, scales = parts.zeros.t().float(), parts.scales.t().contiguous()  # [N, G]
-    return Int4Weight(pack_int4(q.to(torch.uint8).contiguous()), scales, -(zeros * scales), parts.group, order)
+    pieces = k // group if scheme.group_size == -1 else 1  # a row's one group, cut into this many
+    zeros = parts.zeros.t().float().repeat_interleave(pieces, dim=1)  # [N, G]
+    scales = parts.scales.t().repeat_interleave(pieces, dim=1).contiguous()
+    offsets = -(zeros * scales)
+    if scheme.bits == 4:
+        return Int4Weight(pack_int4(q.to(torch.uint8).contiguous()), scales, offsets, group, order)
+    planes = torch.cat([q >> 4, q & 0x0F], dim=1).to(torch.uint8).contiguous()
+    inputs = torch.arange(k) if order is None else order
+    return Int4Weight(
+        pack_int4(planes),
+        torch.cat([scales * 16, scales], dim=1),
+        torch.cat([offsets, torch.zeros_like(offsets)], dim=1),
+        group,
+        torch.cat([inputs, inputs]),
+    )
+
+
+def _row_group(k_size: int) -> int | None:
+    """The largest of GROUP_SIZES that divides ``k_size`` (None: none does)."""
+    return next((size for size in sorted(GROUP_SIZES, reverse=True) if k_size % size == 0), None)
 
 
 def _dequantize(

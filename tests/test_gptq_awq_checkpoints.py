@@ -129,14 +129,16 @@ def test_per_expert_packed_linears_stack_like_plain_ones(tmp_path):
         assert torch.equal(down, torch.stack([meant[f"{i}.down_proj"][:, 16:] for i in range(2)]))
 
 
-#: The cases linear_w4 holds as stored (4 bits, groups of a multiple of 32 inputs): id -> (whether the inputs
-#: are reordered, group size). One group a row needs no order, act-order or not.
+#: The cases linear_w4 holds as stored (groups of a multiple of 32 inputs): id -> (whether the inputs are
+#: reordered, group size). One group a row (K = 64) needs no order, act-order or not; 8 bits are two planes.
 KEPT_INT4 = {
     "gptq4-g32": (False, 32),
     "gptq4-g32-act-order": (True, 32),
     "gptq4-per-row-act-order": (False, 64),
     "gptq4-v2-asym": (True, 32),
     "awq-g32": (False, 32),
+    "gptq8-g32-act-order": (True, 32),
+    "gptq8-per-row": (False, 64),
 }
 
 
@@ -146,24 +148,35 @@ def int4_weight(model_dir: Path, shape=SHAPE, shard=None):
         return checkpoint.load_int4("w.weight", shape, shard)
 
 
-def in_layer_order(weight) -> torch.Tensor:
-    """The float32 weight [N, K] an Int4Weight means, its inputs back in the layer's order."""
-    values = dequantize_per_group(weight.qweight, weight.scale, weight.offset, SHAPE[1], weight.group_size)
+def in_layer_order(weight, k_size: int = SHAPE[1]) -> torch.Tensor:
+    """The float32 weight [N, K] an Int4Weight means, its inputs back in the layer's order (an 8-bit
+    weight's two planes, each over every input, added)."""
+    kernel_inputs = k_size if weight.input_order is None else weight.input_order.numel()
+    values = dequantize_per_group(weight.qweight, weight.scale, weight.offset, kernel_inputs, weight.group_size)
     if weight.input_order is None:
         return values
-    return torch.empty_like(values).index_copy_(1, weight.input_order, values)
+    return torch.zeros(values.shape[0], k_size).index_add_(1, weight.input_order, values)
 
 
 @pytest.mark.parametrize("case", sorted(KEPT_INT4))
-def test_4bit_linears_convert_exactly_to_linear_w4(tmp_path, case):
-    """(q - zero) * scale = q * scale + offset, bit for bit: every term is exact in float32. Act-order
-    sorts the inputs by group, and linear_w4 on the input gathered in that order is x @ W.T."""
+def test_linears_convert_exactly_to_linear_w4(tmp_path, case):
+    """(q - zero) * scale = q * scale + offset, bit for bit: every term is exact in float32, and an 8-bit
+    q = 16 hi + lo splits into two such planes whose values add exactly. Act-order sorts the inputs by
+    group, and linear_w4 on the input gathered in that order is x @ W.T."""
     reordered, group_size = KEPT_INT4[case]
+    eight_bits = case.startswith("gptq8")
     tensors, meant, quant = one_linear(case)
     model_dir = write(tmp_path, tensors, quant)
     weight = int4_weight(model_dir)
-    assert weight.group_size == group_size and (weight.input_order is not None) == reordered
-    assert weight.qweight.dtype == torch.uint8 and weight.qweight.shape == (16, 32)
+    kernel_inputs = SHAPE[1] * (2 if eight_bits else 1)
+    assert weight.group_size == group_size and weight.qweight.dtype == torch.uint8
+    assert weight.qweight.shape == (16, kernel_inputs // 2) and weight.scale.shape == (16, kernel_inputs // group_size)
+    if eight_bits:
+        assert weight.input_order.shape == (kernel_inputs,)
+        if not reordered:
+            assert torch.equal(weight.input_order, torch.arange(64).repeat(2))
+    else:
+        assert (weight.input_order is not None) == reordered
     assert torch.equal(in_layer_order(weight), meant)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
     gathered = x if weight.input_order is None else x.index_select(-1, weight.input_order)
@@ -172,28 +185,41 @@ def test_4bit_linears_convert_exactly_to_linear_w4(tmp_path, case):
     rows = int4_weight(model_dir, shard=(0, 3, 11))
     assert torch.equal(in_layer_order(rows), meant[3:11])
     inputs = int4_weight(model_dir, shard=(1, 32, 64))
-    if reordered or group_size == 64:
-        assert inputs is None  # the slice splits a group, or its inputs are scattered over the groups
+    if reordered or group_size == 64 or eight_bits:
+        assert inputs is None  # the slice splits a group, or its inputs are scattered over the groups or planes
     else:
         assert torch.equal(dequantize_per_group(inputs.qweight, inputs.scale, inputs.offset, 32, 32), meant[:, 32:])
     assert int4_weight(model_dir, shard=(1, 5, 37)) is None
 
 
-@pytest.mark.parametrize("case", ["gptq8-g32-act-order", "gptq8-per-row"])
-def test_8bit_linears_load_as_floats(tmp_path, case):
-    tensors, meant, quant = one_linear(case)
-    model_dir = write(tmp_path, tensors, quant)
-    assert int4_weight(model_dir) is None
-    assert torch.equal(load_one(model_dir), meant)
+def test_a_row_group_is_cut_into_kernel_groups(tmp_path):
+    """One group a row over K = 192 (not a group size linear_w4 takes) is the same zero and scale over
+    every input: it is held as 3 groups of 64, exactly."""
+    weight = torch.randn(16, 192, generator=torch.Generator().manual_seed(4))
+    packed, meant = gptq_tensors(weight, bits=4, group_size=-1, act_order=False, sym=True)
+    model_dir = write(tmp_path, {"w" + s: t for s, t in packed.items()}, gptq_config(4, -1, False))
+    kept = int4_weight(model_dir, shape=(16, 192))
+    assert kept.group_size == 64 and kept.scale.shape == (16, 3)
+    assert torch.equal(in_layer_order(kept, 192), meant)
+
+
+def test_linears_no_kernel_group_holds_load_as_floats(tmp_path):
+    """An 8-bit group that does not tile K (K = 48, groups of 32) cannot lay its planes side by side."""
+    weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(4))
+    packed, meant = gptq_tensors(weight, bits=8, group_size=32, act_order=False, sym=True)
+    model_dir = write(tmp_path, {"w" + s: t for s, t in packed.items()}, gptq_config(8, 32, False))
+    assert int4_weight(model_dir, shape=(16, 48)) is None
+    assert torch.equal(load_one(model_dir, shape=(16, 48)), meant)
 
 
 #: (architecture, config overrides, quantization_config, projections left float, linear layers kept in 4 bits).
 #: Qwen2 adds q/k/v biases (stored as plain X.bias next to the packed weights); AWQ leaves one layer's down_proj
-#: out, as modules_to_not_convert says; 8-bit GPTQ loads dequantized.
+#: out, as modules_to_not_convert says.
 PARITY = {
     "gptq4-g32-act-order": ("LlamaForCausalLM", {}, gptq_config(4, 32, True), (), 14),
     "gptq4-g32-qwen2": ("Qwen2ForCausalLM", {}, gptq_config(4, 32, False), (), 14),
-    "gptq8-per-row": ("Qwen2ForCausalLM", {}, gptq_config(8, -1, False), (), 0),
+    "gptq8-per-row": ("Qwen2ForCausalLM", {}, gptq_config(8, -1, False), (), 14),
+    "gptq8-g32-act-order": ("LlamaForCausalLM", {}, gptq_config(8, 32, True), (), 14),
     "awq-g32": ("LlamaForCausalLM", {}, awq_config(32, ["layers.1.mlp.down_proj"]), ("layers.1.mlp.down_proj",), 13),
 }
 #: linear_w4 calls a graph makes for the 2-layer test model: Q, K and V merged, gate and up merged (act-order
@@ -223,7 +249,13 @@ def test_quantized_checkpoint_compiles_to_transformers_on_its_dequantized_weight
     root = checkpoints.artifact(tmp_path / "quantized", **SMALL)
     record = json.loads((root / "manifest.json").read_text())["checkpoint_quantization"]
     act_order = quant.get("desc_act", False)
-    scheme = dict(method=quant["quant_method"], bits=4, group_size=32, act_order=act_order, linear_layers=kept)
+    scheme = dict(
+        method=quant["quant_method"],
+        bits=quant["bits"],
+        group_size=quant["group_size"],
+        act_order=act_order,
+        linear_layers=kept,
+    )
     assert record == (scheme if kept else None)
     assert _linear_w4_calls(root) == (MERGED_INT4_CALLS - len(skip) if kept else 0)
     prompts = mixed_prompts(hf_model.config.vocab_size)

@@ -365,7 +365,7 @@ def compile_model(
 
 
 def _checkpoint_quantization(model_dir: Path, model: torch.nn.Module) -> CheckpointQuantizationRecord | None:
-    """The manifest's record of the checkpoint's 4-bit layers ``model`` kept in their integers (None: none)."""
+    """The manifest's record of the checkpoint's packed layers ``model`` kept in their integers (None: none)."""
     layers = sum(isinstance(m, Int4Linear) for m in model.modules())
     scheme = quantization_of(model_dir)
     if not layers or not isinstance(scheme, IntQuant):

@@ -138,9 +138,10 @@ class QuantizationRecord:
 
 @dataclass(frozen=True)
 class CheckpointQuantizationRecord:
-    """The linear layers a GPTQ / AWQ checkpoint stores as 4-bit integers, kept in them: the graphs call
-    ``xllm::linear_w4`` on their ``qweight``, ``scale`` and ``offset`` (and, act-order, gather their input
-    by ``input_order``), converted exactly at compile time (models/int_quant.py, models/int4_linear.py)."""
+    """The linear layers a GPTQ / AWQ checkpoint stores as 4- or 8-bit integers, kept in them: the graphs
+    call ``xllm::linear_w4`` on their ``qweight``, ``scale`` and ``offset`` (8 bits: two 4-bit planes) and,
+    act-order or 8 bits, gather their input by ``input_order``; converted exactly at compile time
+    (models/int_quant.py, models/int4_linear.py)."""
 
     method: str
     """'gptq' or 'awq', config.json's quant_method."""
