@@ -53,11 +53,13 @@ def test_exported_graphs_match_the_runtime_through_prefill_and_decode(architectu
     check_against_the_runtime(artifacts[architecture], tmp_path, architecture)
 
 
-#: Quantized linears: compiled int8 and int4 weights, and a 4-bit act-order GPTQ checkpoint kept in its integers.
+#: Quantized linears: compiled int8 and int4 weights, and GPTQ checkpoints kept in their integers (4-bit
+#: act-order; 8-bit, two 4-bit planes): case -> (compile options, the GPTQ bits or None).
 QUANTIZED = {
-    "int8": dict(quantize="int8"),
-    "int4-g32": dict(quantize="int4", group_size=32),
-    "gptq4-act-order": dict(),
+    "int8": (dict(quantize="int8"), None),
+    "int4-g32": (dict(quantize="int4", group_size=32), None),
+    "gptq4-act-order": (dict(), 4),
+    "gptq8-act-order": (dict(), 8),
 }
 
 
@@ -67,10 +69,11 @@ def test_quantized_linears_export_weight_only(checkpoints, tmp_path, monkeypatch
     the graph), so the reference is the runtime on the composites too: the CPU kernels round their inputs to
     int8 as well (tests/quant)."""
     model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM")
-    if case.startswith("gptq"):
-        quantize_checkpoint(model_dir, tmp_path / "gptq", gptq_config(4, 32, True))
+    options, gptq_bits = QUANTIZED[case]
+    if gptq_bits is not None:
+        quantize_checkpoint(model_dir, tmp_path / "gptq", gptq_config(gptq_bits, 32, True))
         model_dir = tmp_path / "gptq"
-    artifact = checkpoints.artifact(model_dir, **QUANTIZED[case])
+    artifact = checkpoints.artifact(model_dir, **options)
     monkeypatch.setattr(cpu, "native_kernels", lambda: None)
     check_against_the_runtime(artifact, tmp_path, case)
 
