@@ -269,7 +269,8 @@ class Int4Weight:
     ``y = x[..., input_order] @ W.T``."""
 
     qweight: torch.Tensor
-    """uint8 [N, ceil(K/2)], two values a byte (ops/quant.py's pack_int4)."""
+    """uint8 [N, ceil(K'/2)], two values a byte (ops/quant.py's pack_int4); K' the kernel's inputs: K, or 2K
+    for an 8-bit weight's two planes."""
     scale: torch.Tensor
     """float32 [N, G]."""
     offset: torch.Tensor
@@ -290,7 +291,7 @@ class Int4Weight:
 
     def inputs(self, start: int, end: int, k_size: int) -> Int4Weight | None:
         """Inputs [start, end) of ``k_size``: a row-parallel shard; None where that slice splits a group,
-        or act-order scattered the slice's inputs over the groups."""
+        or act-order (or an 8-bit weight's two planes) scattered the slice's inputs over the kernel's."""
         if self.input_order is not None or start % self.group_size or (end % self.group_size and end != k_size):
             return None
         first, last = start // self.group_size, -(-end // self.group_size)
