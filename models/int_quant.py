@@ -328,13 +328,13 @@ def read_int4(
     parts = _read_stored(scheme, packed, shape, stored)
     fields = (0,) if scheme.method == "gptq" else (1, AWQ_FIELDS)  # GPTQ packs along K, AWQ along N
     q = unpack(parts.qweight, scheme.bits, *fields).t()  # [N, K]
-    order, consecutive = None, torch.arange(k) // group
-    if scheme.group_size != -1 and not torch.equal(parts.g_idx, consecutive):  # one group a row needs no order
+    order, consecutive = None, torch.arange(k) // parts.group
+    if not torch.equal(parts.g_idx, consecutive):
         order = torch.argsort(parts.g_idx, stable=True)
         if not torch.equal(parts.g_idx[order], consecutive):
             return None  # groups of unequal sizes: no run of consecutive inputs holds each
         q = q[:, order]
-    pieces = k // group if scheme.group_size == -1 else 1  # a row's one group, cut into this many
+    pieces = parts.group // group  # the stored groups, cut into kernel groups (more than one: a row's group)
     zeros = parts.zeros.t().float().repeat_interleave(pieces, dim=1)  # [N, G]
     scales = parts.scales.t().repeat_interleave(pieces, dim=1).contiguous()
     offsets = -(zeros * scales)
