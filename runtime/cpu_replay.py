@@ -14,12 +14,19 @@ The capture is the first step itself, run node by node. Each call_function node 
   *register* holds it: the value is recomputed at every replay. The LM head's logits are one such
   value. A shape op of a register's value is replayed too.
 
+The recorded calls then become a native ``ReplayProgram`` (ops/cpu_replay.cpp) where the kernels are
+built: a step is one call from Python, which runs our kernels directly, ATen ops through the dispatcher
+and only what is neither (a Python function) through Python. Its arguments were converted once; from the
+Python loop each call cost about 1.5 us before its kernel began. A graph the program cannot take (a
+register read inside a list argument) replays from the Python loop, as it does without the kernels.
+
 A graph with another kind of node (call_module, call_method) is run by its module, as the fallback is.
 Measured on the ~100M Llama at batch 1 (Zen 4, 2 threads): see docs/performance.md.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -27,12 +34,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx
 
+from xllm_compiler.ops.attention import paged_attention_out_kernel
+from xllm_compiler.ops.native import native_kernels
 from xllm_compiler.runtime.platform.shape_ops import TENSOR_METHODS
 from xllm_compiler.runtime.replay import StaticInputs
 
 #: Ops that only make views: computed once, at capture, when they read fixed tensors.
 SHAPE_OPS = frozenset({*TENSOR_METHODS.values(), operator.getitem})
 RECORDABLE = frozenset({"placeholder", "get_attr", "call_function", "output"})
+#: Python kernels whose work a native kernel does when it can: it returns False where it declines the call
+#: (paged_decode_out on a step that is not all decode), and the Python kernel then runs.
+NATIVE_FIRST = {paged_attention_out_kernel: "paged_decode_out"}
 
 
 class Register(NamedTuple):
@@ -56,12 +68,16 @@ class CpuGraphRunner:
     the shapes (a bucket's inputs are padded to it) and the KV cache layers must not move.
     """
 
-    def __init__(self, module: fx.GraphModule):
+    def __init__(self, module: fx.GraphModule, native: bool = True):
+        """``native``: replay through a native ReplayProgram where the kernels are built (else the Python loop)."""
         self.module = module
         self.inputs: StaticInputs | None = None
         self.calls: list[Call] = []
+        self.program = None  # the native ReplayProgram, once captured, where it takes every call
+        self._native = native
         self._registers: list[Any] = []
         self._outputs: Any = None
+        self._output_registers: list[int] = []
         self.recordable = all(node.op in RECORDABLE for node in module.graph.nodes)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -71,6 +87,10 @@ class CpuGraphRunner:
             return self._capture(args)
         self.inputs.copy_in(args)
         registers = self._registers
+        if self.program is not None:
+            for index, value in zip(self._output_registers, self.program.run(), strict=True):
+                registers[index] = value
+            return _fill(self._outputs, registers)
         for target, call_args, call_kwargs, register, reads_registers in self.calls:
             if reads_registers:
                 call_args, call_kwargs = _fill(call_args, registers), _fill(call_kwargs, registers)
@@ -96,13 +116,31 @@ class CpuGraphRunner:
                 else:
                     self._outputs = fx.node.map_arg(node.args[0], values.__getitem__)
         self.inputs = inputs
+        self._output_registers = sorted({r.index for r in _registers_in(self._outputs)})
+        if self._native:
+            self.program = self._native_program()
         return _fill(self._outputs, self._registers)
+
+    def _native_program(self) -> Any:
+        """The recorded calls as a native ReplayProgram, or None where the kernels are not built or a call
+        reads a register the program cannot place (inside a list, or by keyword of a Python function)."""
+        native = native_kernels()
+        if native is None:
+            return None
+        program, kernels = native.ReplayProgram(), frozenset(native.replay_kernels())
+        for call in self.calls:
+            if not _add_call(program, call, self._registers, native, kernels):
+                return None
+        for index, value in enumerate(self._registers):
+            program.set_register(index, value)
+        program.set_outputs(self._output_registers)
+        return program
 
     def _record(self, node: fx.Node, values: dict[fx.Node, Any]) -> Any:
         """Run ``node`` on the values so far; what later nodes read of it (a value, or a Register)."""
         args = fx.node.map_arg(node.args, values.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
-        reads_registers = _holds_register(args) or _holds_register(kwargs)
+        reads_registers = bool(_registers_in(args) or _registers_in(kwargs))
         result = node.target(*_fill(args, self._registers), **_fill(kwargs, self._registers))
         if node.target in SHAPE_OPS and not reads_registers and _aliases(result, args[0]):
             return result
@@ -115,21 +153,56 @@ class CpuGraphRunner:
         return result if register is None else Register(register)
 
 
+def _add_call(program: Any, call: Call, registers: list[Any], native: Any, kernels: frozenset[str]) -> bool:
+    """Add ``call`` to ``program``; False where it cannot be added (then no program is used)."""
+    target, args, kwargs, result = call.target, call.args, call.kwargs, -1 if call.register is None else call.register
+    reads = [*_reads(enumerate(args)), *_reads(kwargs.items())]
+    if len(_registers_in((args, kwargs))) > len(reads):
+        return False  # a register deeper than a list argument's items
+    filled_args, filled_kwargs = _fill(args, registers), _fill(kwargs, registers)
+    if target in NATIVE_FIRST:
+        bound = inspect.signature(target).bind(*filled_args, **filled_kwargs)
+        bound.apply_defaults()
+        program.add_kernel(NATIVE_FIRST[target], tuple(bound.arguments.values()), {}, [], result, target)
+    elif getattr(target, "__module__", None) == native.__name__ and target.__name__ in kernels:
+        program.add_kernel(target.__name__, filled_args, filled_kwargs, reads, result, None)
+    elif isinstance(target, torch._ops.OpOverload):
+        program.add_op(target._schema.name, target._schema.overload_name, filled_args, filled_kwargs, reads, result)
+    elif target is operator.getitem and isinstance(args[0], Register) and isinstance(args[1], int):
+        program.add_getitem(args[0].index, args[1], result)
+    elif all(item < 0 for _, item, _ in reads):
+        program.add_python(target, filled_args, filled_kwargs, reads, result)
+    else:
+        return False  # a Python function reading a register inside a list
+    return True
+
+
+def _reads(arguments: Any) -> list[tuple[int | str, int, int]]:
+    """(position or keyword, list item or -1, register) of each argument, or list item, that is a register."""
+    reads = []
+    for key, value in arguments:
+        if isinstance(value, Register):
+            reads.append((key, -1, value.index))
+        elif isinstance(value, (list, tuple)):
+            reads += [(key, item, v.index) for item, v in enumerate(value) if isinstance(v, Register)]
+    return reads
+
+
+def _registers_in(value: Any) -> list[Register]:
+    if isinstance(value, Register):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [r for item in value for r in _registers_in(item)]
+    if isinstance(value, dict):
+        return [r for item in value.values() for r in _registers_in(item)]
+    return []
+
+
 def _fetch(module: torch.nn.Module, target: str) -> Any:
     value: Any = module
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _holds_register(value: Any) -> bool:
-    if isinstance(value, Register):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(map(_holds_register, value))
-    if isinstance(value, dict):
-        return any(map(_holds_register, value.values()))
-    return False
 
 
 def _fill(value: Any, registers: list[Any]) -> Any:

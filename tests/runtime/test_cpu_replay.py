@@ -12,6 +12,7 @@ import xllm_compiler
 from tests.runtime.conftest import SMALL_BUCKETS
 from tests.runtime.test_graph_replay import prompt_sets, run_recording
 from xllm_compiler.artifact.schema import FALLBACK_GRAPH
+from xllm_compiler.ops.native import native_kernels
 from xllm_compiler.runtime.cpu_replay import CpuGraphRunner
 from xllm_compiler.runtime.platform import shape_ops
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
@@ -117,6 +118,80 @@ def test_a_graph_with_other_nodes_runs_by_its_module():
     assert not runner.recordable and torch.equal(runner(x)[0], x.relu()) and runner.calls == []
 
 
+needs_native = pytest.mark.skipif(native_kernels() is None, reason="no native kernels in this build")
+aten = torch.ops.aten
+
+
+def mixed_module() -> fx.GraphModule:
+    """One call of each kind a native program takes: our kernel (silu_and_mul_out into a buffer), ATen ops
+    (a number where add.Tensor has a Tensor; a split whose list result is a register), getitems of that
+    list, and a Python function reading registers."""
+    root = torch.nn.Module()
+    root.buffer = torch.empty(2, 4)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    buffer = graph.get_attr("buffer")
+    graph.call_function(native_kernels().silu_and_mul_out, (x,), {"out": buffer})
+    shifted = graph.call_function(aten.add.Tensor, (buffer, 0.5))
+    halves = graph.call_function(aten.split.Tensor, (shifted, 1))
+    first, second = (graph.call_function(operator.getitem, (halves, i)) for i in range(2))
+    graph.output((graph.call_function(fresh_sum, (first, second)), buffer))
+    return fx.GraphModule(root, graph)
+
+
+def mixed_expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    activated = torch.nn.functional.silu(x[:, :4]) * x[:, 4:]
+    shifted = activated + 0.5
+    return shifted[:1] + shifted[1:], activated
+
+
+@needs_native
+def test_a_native_program_replays_kernels_ops_getitems_and_python_calls():
+    CALLS.clear()
+    module = mixed_module()
+    runner = CpuGraphRunner(module)
+    for step in range(3):
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(step))
+        got = runner(x)
+        expected = mixed_expected(x)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-6)
+        assert got[1] is module.buffer
+    assert runner.program is not None and len(runner.program) == len(runner.calls) == 6
+    assert CALLS.count("fresh_sum") == 3  # through Python, at capture and at each of the 2 replays
+
+
+def python_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors)
+
+
+@needs_native
+@pytest.mark.parametrize(("cat", "native"), [(aten.cat.default, True), (python_cat, False)])
+def test_registers_inside_list_arguments(cat, native):
+    """An ATen op's list item that is a register is written into the list at each step; a Python function's
+    is not, and its graph keeps the Python loop."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    doubled = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    joined = graph.call_function(cat, ([doubled, x],))
+    graph.output((joined,))
+    runner = CpuGraphRunner(fx.GraphModule(torch.nn.Module(), graph))
+    for step in range(3):
+        x = torch.full((2,), float(step))
+        assert torch.equal(runner(x)[0], torch.cat([x * 2, x]))
+    assert (runner.program is not None) is native and len(runner.calls) == 2
+
+
+@needs_native
+def test_a_native_program_raises_what_its_kernel_raises():
+    module = mixed_module()
+    runner = CpuGraphRunner(module)
+    runner(torch.randn(2, 8))
+    module.buffer.as_strided_((2, 4), (1, 2))  # no longer contiguous: the kernel's own check refuses it
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        runner(torch.randn(2, 8))
+
+
 def test_cpu_bucket_graphs_replay_and_the_fallback_runs_eagerly(small_model):
     graphs = small_model.engine.graphs
     assert CpuPlatform().graph_runner() is CpuGraphRunner
@@ -139,4 +214,7 @@ def test_replay_gives_exactly_the_eager_logits(checkpoints, monkeypatch, archite
         assert len(logits) == len(expected_logits) and all(map(torch.equal, logits, expected_logits))
     runner = replayed.engine.graphs.runner("decode_2")
     assert isinstance(runner, CpuGraphRunner) and runner.calls
+    if native_kernels() is not None:  # every call of every bucket graph went through the native program
+        runners = replayed.engine.graphs._runners.values()
+        assert runners and all(r.program is not None and len(r.program) == len(r.calls) for r in runners)
     assert not isinstance(eager.engine.graphs.runner("decode_2"), CpuGraphRunner)

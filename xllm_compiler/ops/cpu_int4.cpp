@@ -28,6 +28,7 @@
 // where the int8 kernel read 26 on a Sapphire Rapids). bfloat16 rows take it where AVX512-BF16 rounds the
 // outputs; elsewhere they keep the AVX2 tile.
 #include <torch/extension.h>
+#include "cpu_replay.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
@@ -340,8 +341,8 @@ void register_int4(pybind11::module& m) {
   m.def("int4_linear_dtypes", &int4_linear_dtypes);
   m.def("pack_int4_weight", &pack_int4_weight, py::arg("qweight"), py::arg("k_size"), py::arg("group_size"));
   m.def("pack_int4_scales", &pack_int4_scales, py::arg("values"));
-  m.def("int4_linear_out", &int4_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"),
+  xllm_replay::def_kernel(m, "int4_linear_out", &int4_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"),
         py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out"));
-  m.def("int4_linear", &int4_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("offset"),
+  xllm_replay::def_kernel(m, "int4_linear", &int4_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("offset"),
         py::arg("group_size"), py::arg("bias"), py::arg("out_features"));
 }

@@ -3,6 +3,7 @@
 // (ops/reference.py): in 16-bit dtypes every intermediate the reference materialises is rounded to
 // that dtype here too, so the kernels agree with transformers as closely as the composites do.
 #include <torch/extension.h>
+#include "cpu_replay.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -443,22 +444,24 @@ void register_linear(pybind11::module& m);  // cpu_linear.cpp
 void register_quant(pybind11::module& m);   // cpu_quant.cpp
 void register_int4(pybind11::module& m);    // cpu_int4.cpp
 void register_moe_routing(pybind11::module& m);  // cpu_moe_routing.cpp
+void register_replay(pybind11::module& m);  // cpu_replay.cpp
 
 // Argument names are the xllm:: op schemas' (graphs may pass any argument by keyword).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("rms_norm_out", &rms_norm_out, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
-  m.def("fused_add_rms_norm_out", &fused_add_rms_norm_out, py::arg("x"), py::arg("residual"), py::arg("weight"),
+  xllm_replay::def_kernel(m, "rms_norm_out", &rms_norm_out, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
+  xllm_replay::def_kernel(m, "fused_add_rms_norm_out", &fused_add_rms_norm_out, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("eps"), py::arg("out"), py::arg("summed"));
-  m.def("silu_and_mul_out", &silu_and_mul_out, py::arg("gate_up"), py::arg("out"));
-  m.def("rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
+  xllm_replay::def_kernel(m, "silu_and_mul_out", &silu_and_mul_out, py::arg("gate_up"), py::arg("out"));
+  xllm_replay::def_kernel(m, "rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
         py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
   register_linear(m);
   register_quant(m);
   register_int4(m);
   register_moe_routing(m);
+  register_replay(m);
   m.def("argmax_rows", &argmax_rows, py::arg("logits"));
-  m.def("paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
+  xllm_replay::def_kernel(m, "paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
         py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
         py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
         py::arg("token_offset"));

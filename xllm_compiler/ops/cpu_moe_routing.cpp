@@ -10,6 +10,7 @@
 // of the first k - 1, over (probability, id) pairs in id order with its comparator, so that tied experts
 // (bfloat16 logits tie often) come out in transformers' order. Renormalising divides by the picked sum.
 #include <torch/extension.h>
+#include "cpu_replay.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -96,7 +97,7 @@ void count_routed(torch::Tensor topk_ids, torch::Tensor expert_counts, torch::Te
 
 void register_moe_routing(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("route_topk", &route_topk, py::arg("router_logits"), py::arg("top_k"), py::arg("renormalise"));
-  m.def("count_routed", &count_routed, py::arg("topk_ids"), py::arg("expert_counts"), py::arg("slot_mapping"),
+  xllm_replay::def_kernel(m, "route_topk", &route_topk, py::arg("router_logits"), py::arg("top_k"), py::arg("renormalise"));
+  xllm_replay::def_kernel(m, "count_routed", &count_routed, py::arg("topk_ids"), py::arg("expert_counts"), py::arg("slot_mapping"),
         py::arg("pad_slot"));
 }

@@ -20,6 +20,7 @@
 // does; vpmaddwd then widens the pairs to int32. Elsewhere int8_linear_dtypes() is empty and the op runs its
 // composite.
 #include <torch/extension.h>
+#include "cpu_replay.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
@@ -329,8 +330,8 @@ void register_quant(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int8_linear_dtypes", &int8_linear_dtypes);
   m.def("pack_int8_weight", &pack_int8_weight, py::arg("weight"));
-  m.def("int8_linear_out", &int8_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
+  xllm_replay::def_kernel(m, "int8_linear_out", &int8_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
         py::arg("out"));
-  m.def("int8_linear", &int8_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
+  xllm_replay::def_kernel(m, "int8_linear", &int8_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
         py::arg("out_features"));
 }

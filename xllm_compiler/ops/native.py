@@ -1,8 +1,9 @@
 """The CPU kernels of cpu_kernels.cpp (fused xllm ops, decode attention), cpu_linear.cpp (packed
-linear layers), cpu_quant.cpp (int8-weight linear layers) and cpu_int4.cpp (int4-weight ones), built
-once per machine with torch's extension builder.
+linear layers), cpu_quant.cpp (int8-weight linear layers), cpu_int4.cpp (int4-weight ones) and
+cpu_moe_routing.cpp, with cpu_replay.cpp's ReplayProgram that runs a bucket graph's recorded calls
+(runtime/cpu_replay.py), built once per machine with torch's extension builder.
 
-The build takes 25-60 s on two cores (45 s of CPU time, 1.6 GB), so the first compile for the cpu
+The build takes one to two minutes on two cores (3 min of CPU time), so the first compile for the cpu
 platform does it (its "kernels" stage); a load that still finds no build says so on stderr before it
 starts. It lives in torch's extension cache, one folder per build: ``$TORCH_EXTENSIONS_DIR/<name>``, by
 default ``~/.cache/torch_extensions/py<version>_cpu/<name>``, where ``<name>`` is ``xllm_cpu_kernels_``
@@ -29,10 +30,17 @@ from filelock import FileLock
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_kernels.cpp", "cpu_linear.cpp", "cpu_quant.cpp", "cpu_int4.cpp", "cpu_moe_routing.cpp")
+    for name in (
+        "cpu_kernels.cpp",
+        "cpu_linear.cpp",
+        "cpu_quant.cpp",
+        "cpu_int4.cpp",
+        "cpu_moe_routing.cpp",
+        "cpu_replay.cpp",
+    )
 ]
 #: Included by the sources: part of what a build is keyed by, not compiled on their own.
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_avx2.h", "cpu_avx512.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_avx2.h", "cpu_avx512.h", "cpu_replay.h")]
 
 
 def _cpu_flags() -> str:
@@ -46,7 +54,7 @@ def _cpu_flags() -> str:
 
 
 #: The compile stage's line while it builds (CompileReport stage "kernels").
-BUILD_DESCRIPTION = "Building the CPU kernels (first run on this machine only, up to a minute)"
+BUILD_DESCRIPTION = "Building the CPU kernels (first run on this machine only, one to two minutes)"
 
 
 def enabled() -> bool:
@@ -77,7 +85,7 @@ def is_built() -> bool:
 
 
 def needs_build() -> bool:
-    """Whether using the kernels now would first build them (up to a minute)."""
+    """Whether using the kernels now would first build them (one to two minutes)."""
     return enabled() and not is_built()
 
 
@@ -103,7 +111,7 @@ def native_kernels() -> ModuleType | None:
         return None
     if not is_built():
         print(
-            f"xllm_compiler: building the CPU kernels into {build_directory()} (once per machine, up to a minute; "
+            f"xllm_compiler: building the CPU kernels into {build_directory()} (once per machine, one to two minutes; "
             "XLLM_NATIVE_KERNELS=0 skips them)",
             file=sys.stderr,
             flush=True,
