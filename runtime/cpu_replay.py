@@ -18,7 +18,8 @@ The recorded calls then become a native ``ReplayProgram`` (ops/cpu_replay.cpp) w
 built: a step is one call from Python, which runs our kernels directly, ATen ops through the dispatcher
 and only what is neither (a Python function) through Python. Its arguments were converted once; from the
 Python loop each call cost about 1.5 us before its kernel began. A graph the program cannot take (a
-register read inside a list argument) replays from the Python loop, as it does without the kernels.
+register nested deeper than a list's items, or inside a list given to a Python function) replays from
+the Python loop, as it does without the kernels.
 
 A graph with another kind of node (call_module, call_method) is run by its module, as the fallback is.
 Measured on the ~100M Llama at batch 1 (Zen 4, 2 threads): see docs/performance.md.
@@ -123,7 +124,7 @@ class CpuGraphRunner:
 
     def _native_program(self) -> Any:
         """The recorded calls as a native ReplayProgram, or None where the kernels are not built or a call
-        reads a register the program cannot place (inside a list, or by keyword of a Python function)."""
+        reads a register the program cannot place (see the module docstring)."""
         native = native_kernels()
         if native is None:
             return None
@@ -160,7 +161,7 @@ def _add_call(program: Any, call: Call, registers: list[Any], native: Any, kerne
     if len(_registers_in((args, kwargs))) > len(reads):
         return False  # a register deeper than a list argument's items
     filled_args, filled_kwargs = _fill(args, registers), _fill(kwargs, registers)
-    if target in NATIVE_FIRST:
+    if target in NATIVE_FIRST and not reads:
         bound = inspect.signature(target).bind(*filled_args, **filled_kwargs)
         bound.apply_defaults()
         program.add_kernel(NATIVE_FIRST[target], tuple(bound.arguments.values()), {}, [], result, target)
