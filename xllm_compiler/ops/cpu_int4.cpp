@@ -342,7 +342,7 @@ void register_int4(pybind11::module& m) {
   m.def("pack_int4_weight", &pack_int4_weight, py::arg("qweight"), py::arg("k_size"), py::arg("group_size"));
   m.def("pack_int4_scales", &pack_int4_scales, py::arg("values"));
   xllm_replay::def_kernel(m, "int4_linear_out", &int4_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"),
-        py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out"));
-  xllm_replay::def_kernel(m, "int4_linear", &int4_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("offset"),
-        py::arg("group_size"), py::arg("bias"), py::arg("out_features"));
+                          py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out"));
+  xllm_replay::def_kernel(m, "int4_linear", &int4_linear, py::arg("input"), py::arg("packed"), py::arg("scale"),
+                          py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out_features"));
 }

@@ -449,12 +449,13 @@ void register_replay(pybind11::module& m);  // cpu_replay.cpp
 // Argument names are the xllm:: op schemas' (graphs may pass any argument by keyword).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  xllm_replay::def_kernel(m, "rms_norm_out", &rms_norm_out, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"));
-  xllm_replay::def_kernel(m, "fused_add_rms_norm_out", &fused_add_rms_norm_out, py::arg("x"), py::arg("residual"), py::arg("weight"),
-        py::arg("eps"), py::arg("out"), py::arg("summed"));
+  xllm_replay::def_kernel(m, "rms_norm_out", &rms_norm_out, py::arg("x"), py::arg("weight"), py::arg("eps"),
+                          py::arg("out"));
+  xllm_replay::def_kernel(m, "fused_add_rms_norm_out", &fused_add_rms_norm_out, py::arg("x"), py::arg("residual"),
+                          py::arg("weight"), py::arg("eps"), py::arg("out"), py::arg("summed"));
   xllm_replay::def_kernel(m, "silu_and_mul_out", &silu_and_mul_out, py::arg("gate_up"), py::arg("out"));
-  xllm_replay::def_kernel(m, "rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"), py::arg("cos"),
-        py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
+  xllm_replay::def_kernel(m, "rotary_embedding_out", &rotary_embedding_out, py::arg("query"), py::arg("key"),
+                          py::arg("cos"), py::arg("sin"), py::arg("query_out"), py::arg("key_out"));
   register_linear(m);
   register_quant(m);
   register_int4(m);
@@ -462,7 +463,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_replay(m);
   m.def("argmax_rows", &argmax_rows, py::arg("logits"));
   xllm_replay::def_kernel(m, "paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
-        py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
-        py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
-        py::arg("token_offset"));
+                          py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
+                          py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
+                          py::arg("token_offset"));
 }

@@ -752,14 +752,16 @@ void register_linear(pybind11::module& m) {
   namespace py = pybind11;
   m.def("packed_linear_dtypes", &packed_linear_dtypes);
   m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"));
-  xllm_replay::def_kernel(m, "packed_linear_out", &packed_linear_out, py::arg("input"), py::arg("packed"), py::arg("bias"), py::arg("out"));
-  xllm_replay::def_kernel(m, "packed_embedding_out", &packed_embedding_out, py::arg("packed"), py::arg("indices"), py::arg("rows"),
-        py::arg("out"));
-  xllm_replay::def_kernel(m, "packed_embedding", &packed_embedding, py::arg("packed"), py::arg("indices"), py::arg("rows"),
-        py::arg("k_size"));
+  xllm_replay::def_kernel(m, "packed_linear_out", &packed_linear_out, py::arg("input"), py::arg("packed"),
+                          py::arg("bias"), py::arg("out"));
+  xllm_replay::def_kernel(m, "packed_embedding_out", &packed_embedding_out, py::arg("packed"), py::arg("indices"),
+                          py::arg("rows"), py::arg("out"));
+  xllm_replay::def_kernel(m, "packed_embedding", &packed_embedding, py::arg("packed"), py::arg("indices"),
+                          py::arg("rows"), py::arg("k_size"));
   xllm_replay::def_kernel(m, "packed_linear", &packed_linear, py::arg("input"), py::arg("packed"), py::arg("bias"),
-        py::arg("out_features"));
+                          py::arg("out_features"));
   m.def("pack_expert_weights", &pack_expert_weights, py::arg("weight"));
-  xllm_replay::def_kernel(m, "packed_moe_experts_out", &packed_moe_experts_out, py::arg("hidden"), py::arg("topk_weights"),
-        py::arg("ids"), py::arg("gate_up"), py::arg("down"), py::arg("intermediate"), py::arg("out"));
+  xllm_replay::def_kernel(m, "packed_moe_experts_out", &packed_moe_experts_out, py::arg("hidden"),
+                          py::arg("topk_weights"), py::arg("ids"), py::arg("gate_up"), py::arg("down"),
+                          py::arg("intermediate"), py::arg("out"));
 }

@@ -97,7 +97,8 @@ void count_routed(torch::Tensor topk_ids, torch::Tensor expert_counts, torch::Te
 
 void register_moe_routing(pybind11::module& m) {
   namespace py = pybind11;
-  xllm_replay::def_kernel(m, "route_topk", &route_topk, py::arg("router_logits"), py::arg("top_k"), py::arg("renormalise"));
-  xllm_replay::def_kernel(m, "count_routed", &count_routed, py::arg("topk_ids"), py::arg("expert_counts"), py::arg("slot_mapping"),
-        py::arg("pad_slot"));
+  xllm_replay::def_kernel(m, "route_topk", &route_topk, py::arg("router_logits"), py::arg("top_k"),
+                          py::arg("renormalise"));
+  xllm_replay::def_kernel(m, "count_routed", &count_routed, py::arg("topk_ids"), py::arg("expert_counts"),
+                          py::arg("slot_mapping"), py::arg("pad_slot"));
 }

@@ -330,8 +330,8 @@ void register_quant(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int8_linear_dtypes", &int8_linear_dtypes);
   m.def("pack_int8_weight", &pack_int8_weight, py::arg("weight"));
-  xllm_replay::def_kernel(m, "int8_linear_out", &int8_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
-        py::arg("out"));
-  xllm_replay::def_kernel(m, "int8_linear", &int8_linear, py::arg("input"), py::arg("packed"), py::arg("scale"), py::arg("bias"),
-        py::arg("out_features"));
+  xllm_replay::def_kernel(m, "int8_linear_out", &int8_linear_out, py::arg("input"), py::arg("packed"), py::arg("scale"),
+                          py::arg("bias"), py::arg("out"));
+  xllm_replay::def_kernel(m, "int8_linear", &int8_linear, py::arg("input"), py::arg("packed"), py::arg("scale"),
+                          py::arg("bias"), py::arg("out_features"));
 }

@@ -166,6 +166,20 @@ class ReplayProgram {
     return out;
   }
 
+  // A Python entry's call with its registers' current values in place of theirs (the GIL held).
+  py::object call_with_registers(const Entry& entry) const {
+    const auto given = py::reinterpret_borrow<py::tuple>(entry.args);
+    py::tuple args(given.size());
+    for (size_t i = 0; i < given.size(); ++i) args[i] = given[i];
+    py::dict kwargs = py::reinterpret_borrow<py::dict>(entry.kwargs).attr("copy")();
+    for (const Read& read : entry.reads) {
+      py::object value = torch::jit::toPyObject(registers_[read.register_index]);
+      if (read.keyword.empty()) args[read.position] = value;
+      else kwargs[py::str(read.keyword)] = value;
+    }
+    return entry.function(*args, **kwargs);
+  }
+
   void execute(Entry& entry) {
     if (entry.kind != Kind::kPython) {
       for (const Read& read : entry.reads) {
@@ -191,16 +205,7 @@ class ReplayProgram {
       }
       case Kind::kPython: {
         py::gil_scoped_acquire held;
-        const auto given = py::reinterpret_borrow<py::tuple>(entry.args);
-        py::tuple args(given.size());
-        for (size_t i = 0; i < given.size(); ++i) args[i] = given[i];
-        py::dict kwargs = py::reinterpret_borrow<py::dict>(entry.kwargs).attr("copy")();
-        for (const Read& read : entry.reads) {
-          py::object value = torch::jit::toPyObject(registers_[read.register_index]);
-          if (read.keyword.empty()) args[read.position] = value;
-          else kwargs[py::str(read.keyword)] = value;
-        }
-        py::object value = entry.function(*args, **kwargs);
+        py::object value = entry.reads.empty() ? entry.function(*entry.args, **entry.kwargs) : call_with_registers(entry);
         if (entry.result >= 0) result = to_ivalue(value);
         break;
       }
