@@ -48,6 +48,23 @@ RECORDABLE = frozenset({"placeholder", "get_attr", "call_function", "output"})
 NATIVE_FIRST = {paged_attention_out_kernel: "paged_decode_out"}
 
 
+def _select_rows(args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+    """select_rows_out's arguments for ``aten.index_select.out(table, 0, index, out=out)`` where it takes them: a
+    [rows, width] table with dense rows, a 1-d int64 index, a contiguous out of the table's dtype."""
+    if len(args) != 3 or set(kwargs) != {"out"} or args[1] != 0:
+        return None
+    (table, _, index), out = args, kwargs["out"]
+    rows_ok = table.dim() == 2 and table.stride(1) == 1
+    index_ok = index.dim() == 1 and index.dtype == torch.int64 and index.is_contiguous()
+    out_ok = out.is_contiguous() and out.dtype == table.dtype and out.shape == (index.numel(), table.shape[1])
+    return (table, index, out) if rows_ok and index_ok and out_ok else None
+
+
+#: ATen ops a native kernel runs as well where its arguments suit it (the function says, giving the kernel's
+#: arguments): the dispatcher's own cost is most of these small calls' time at batch 1.
+NATIVE_OPS = {torch.ops.aten.index_select.out: ("select_rows_out", _select_rows)}
+
+
 class Register(NamedTuple):
     """A value recomputed at each replay: the result of ``CpuGraphRunner``'s call that fills slot ``index``."""
 
@@ -165,6 +182,8 @@ def _add_call(program: Any, call: Call, registers: list[Any], native: Any, kerne
         bound = inspect.signature(target).bind(*filled_args, **filled_kwargs)
         bound.apply_defaults()
         program.add_kernel(NATIVE_FIRST[target], tuple(bound.arguments.values()), {}, [], result, target)
+    elif (native_op := _native_op(call, reads, filled_args, filled_kwargs, kernels)) is not None:
+        program.add_kernel(*native_op, {}, [], result, None)
     elif getattr(target, "__module__", None) == native.__name__ and target.__name__ in kernels:
         program.add_kernel(target.__name__, filled_args, filled_kwargs, reads, result, None)
     elif isinstance(target, torch._ops.OpOverload):
@@ -176,6 +195,16 @@ def _add_call(program: Any, call: Call, registers: list[Any], native: Any, kerne
     else:
         return False  # a Python function reading a register inside a list
     return True
+
+
+def _native_op(call: Call, reads: list, args: tuple, kwargs: dict[str, Any], kernels: frozenset[str]) -> tuple | None:
+    """(kernel name, its arguments) where NATIVE_OPS runs ``call``, an op that reads no register and whose result
+    is one of its own arguments (the kernel returns nothing); else None."""
+    name, arguments = NATIVE_OPS.get(call.target, (None, None))
+    if name not in kernels or reads or call.register is not None:
+        return None
+    given = arguments(args, kwargs)
+    return None if given is None else (name, given)
 
 
 def _reads(arguments: Any) -> list[tuple[int | str, int, int]]:

@@ -61,7 +61,8 @@ def lowered_targets() -> frozenset:
     native = native_kernels()
     if native is None:
         return frozenset(kernels)
-    packed = [native.packed_linear_out, native.packed_linear, native.packed_embedding_out, native.packed_embedding]
+    packed = [native.packed_linear_out, native.packed_linear, native.packed_linear_float]
+    packed += [native.packed_embedding_out, native.packed_embedding]
     packed += [native.int8_linear_out, native.int8_linear, native.int4_linear_out, native.int4_linear]
     return frozenset([*kernels, *packed, *moe.PACKED_KERNELS.values()])
 
@@ -129,7 +130,7 @@ class CpuPlatform(Platform):
                 elif node.target.namespace == "xllm" and node.target.name() in kernels:
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1]) and _packed(node.args[1]) in weights:
-                    _use_packed_linear(graph, node)
+                    _use_packed_linear(graph, node, weights[_packed(node.args[1])].dtype)
                 elif node.target in EMBEDDING and _is_stored(node.args[0]) and _only_packed(node.args[0], weights):
                     _use_packed_embedding(graph, node)  # a tied embedding: its table is the packed lm_head
                 elif node.target is aten.embedding.out and _is_token_list(node.args[1]):
@@ -197,7 +198,9 @@ def _is_token_list(indices: object) -> bool:
     return isinstance(meta, dict) and len(meta.get("shape") or ()) == 1
 
 
-def _use_packed_linear(graph: fx.Graph, node: fx.Node) -> None:
+def _use_packed_linear(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> None:
+    """The packed kernel for a linear layer on ``dtype`` weights; a bfloat16 one whose only use is a cast to
+    float32 (the LM head's logits) takes the cast into its kernel, packed_linear_float."""
     native = native_kernels()
     weight = node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -208,7 +211,17 @@ def _use_packed_linear(graph: fx.Graph, node: fx.Node) -> None:
     else:
         out_features = weight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain may be gone
         node.target, node.args = native.packed_linear, (node.args[0], packed_node, bias, out_features)
+        cast = next(iter(node.users)) if len(node.users) == 1 else None
+        if dtype == torch.bfloat16 and cast is not None and _is_float32_cast(cast, node):
+            node.target = native.packed_linear_float
+            cast.replace_all_uses_with(node)
+            graph.erase_node(cast)
     node.kwargs = {}
+
+
+def _is_float32_cast(node: fx.Node, source: fx.Node) -> bool:
+    """``source.to(torch.float32)``, nothing else asked of the cast (no copy= or memory format)."""
+    return node.target is aten.to.dtype and node.args == (source, torch.float32) and not node.kwargs
 
 
 def _use_packed_experts(graph: fx.Graph, node: fx.Node) -> None:

@@ -182,6 +182,37 @@ def test_packed_linear_matches_linear(dtype, rows, outputs, inputs, with_bias):
     close_to_float(out, expected)
     allocated = native_module.packed_linear(x, packed, bias, outputs)
     torch.testing.assert_close(allocated, out, rtol=0, atol=0)
+    if dtype == torch.bfloat16:  # the LM head's form, its float32 cast inside: bit for bit the cast's values
+        logits = native_module.packed_linear_float(x, packed, bias, outputs)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, out.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_linear_float_takes_bfloat16_only(dtype):
+    native_module = native.native_kernels()
+    x, weight = torch.randn(2, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype)
+    packed = native_module.pack_linear_weight(weight)
+    if dtype == torch.bfloat16:
+        assert native_module.packed_linear_float(x[None], packed, None, 4).shape == (1, 2, 4)
+    else:
+        with pytest.raises(RuntimeError, match="packed_linear_float takes bfloat16 input"):
+            native_module.packed_linear_float(x, packed, None, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_rows_is_index_select(dtype):
+    """select_rows_out, the replay program's form of index_select.out over dim 0 (runtime/cpu_replay.py)."""
+    native_module = native.native_kernels()
+    table = torch.randn(10, 40, dtype=dtype)[:, 3:35]  # rows 40 apart
+    index = torch.tensor([9, 0, 3, 3])
+    out = torch.full((4, 32), float("nan"), dtype=dtype)
+    native_module.select_rows_out(table, index, out)
+    torch.testing.assert_close(out, table.index_select(0, index), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="index 10 is out of range for 10 rows"):
+        native_module.select_rows_out(table, torch.tensor([1, 10, 2, 2]), out)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        native_module.select_rows_out(table, index, out[:2])
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)

@@ -13,7 +13,9 @@ from tests.runtime.conftest import SMALL_BUCKETS
 from tests.runtime.test_graph_replay import prompt_sets, run_recording
 from xllm_compiler.artifact.schema import FALLBACK_GRAPH
 from xllm_compiler.ops.native import native_kernels
+from xllm_compiler.runtime import cpu_replay
 from xllm_compiler.runtime.cpu_replay import CpuGraphRunner
+from xllm_compiler.runtime.platform import cpu as cpu_platform
 from xllm_compiler.runtime.platform import shape_ops
 from xllm_compiler.runtime.platform.cpu import CpuPlatform
 
@@ -218,3 +220,29 @@ def test_replay_gives_exactly_the_eager_logits(checkpoints, monkeypatch, archite
         runners = replayed.engine.graphs._runners.values()
         assert runners and all(r.program is not None and len(r.program) == len(r.calls) for r in runners)
     assert not isinstance(eager.engine.graphs.runner("decode_2"), CpuGraphRunner)
+
+
+@needs_native
+def test_bfloat16_lm_head_and_row_selects_run_fused_with_the_same_logits(checkpoints, monkeypatch):
+    """A bfloat16 LM head's cast to float32 runs inside its kernel (packed_linear_float, runtime/platform/cpu.py)
+    and index_select.out as select_rows_out (NATIVE_OPS): every step's logits bit for bit as with the ops they
+    replace."""
+    model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM", dtype="bfloat16")
+    artifact = checkpoints.artifact(model_dir, **SMALL_BUCKETS)
+    fused = xllm_compiler.load(artifact)
+    sets = prompt_sets(fused.vocab_size)
+    tokens, logits = run_recording(fused, sets)
+    kernels = frozenset(native_kernels().replay_kernels())
+    runners = list(fused.engine.graphs._runners.values())
+    for runner in runners:
+        targets = [node.target for node in runner.module.graph.nodes if node.op == "call_function"]
+        assert native_kernels().packed_linear_float in targets and aten.to.dtype not in targets
+        selects = [call for call in runner.calls if call.target is aten.index_select.out]
+        assert selects and all(cpu_replay._native_op(c, [], c.args, c.kwargs, kernels) for c in selects)
+    monkeypatch.setattr(cpu_platform, "_is_float32_cast", lambda node, source: False)
+    monkeypatch.setattr(cpu_replay, "NATIVE_OPS", {})
+    separate = xllm_compiler.load(artifact)
+    expected_tokens, expected_logits = run_recording(separate, sets)
+    assert any(n.target is aten.to.dtype for n in separate.engine.graphs.module("decode_1").graph.nodes)
+    assert tokens == expected_tokens
+    assert len(logits) == len(expected_logits) and all(map(torch.equal, logits, expected_logits))

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -440,6 +441,27 @@ void silu_and_mul_span(const at::BFloat16* gate, const at::BFloat16* up, at::BFl
   silu_and_mul_row(gate, up, dst, width);
 }
 
+// aten.index_select.out(table, 0, index, out=out) for a [rows, width] table with unit stride along width, an
+// int64 index and a contiguous out: each row one copy. The replay program (runtime/cpu_replay.py) calls it for
+// those index_selects (a decode step's embedding, cos/sin and last-row gathers): through the dispatcher each
+// cost 10-15 us at batch 1, the weights' stream having evicted its code and data, for a 1.5 KB copy.
+void select_rows_out(torch::Tensor table, torch::Tensor index, torch::Tensor out) {
+  TORCH_CHECK(table.dim() == 2 && table.stride(1) == 1, "select_rows_out: the table must be [rows, width], dense rows");
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(),
+              "select_rows_out: the index must be a contiguous 1-d int64 tensor");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == table.scalar_type() && out.dim() == 2 &&
+                  out.size(0) == index.size(0) && out.size(1) == table.size(1),
+              "select_rows_out: out must be a contiguous [index size, width] tensor of the table's dtype");
+  const int64_t rows = table.size(0), bytes = table.size(1) * table.element_size();
+  const int64_t* ids = index.data_ptr<int64_t>();
+  const auto* from = static_cast<const char*>(table.data_ptr());
+  auto* to = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < index.size(0); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < rows, "select_rows_out: index ", ids[i], " is out of range for ", rows, " rows");
+    std::memcpy(to + i * bytes, from + ids[i] * table.stride(0) * table.element_size(), bytes);
+  }
+}
+
 void register_linear(pybind11::module& m);  // cpu_linear.cpp
 void register_quant(pybind11::module& m);   // cpu_quant.cpp
 void register_int4(pybind11::module& m);    // cpu_int4.cpp
@@ -462,6 +484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_moe_routing(m);
   register_replay(m);
   m.def("argmax_rows", &argmax_rows, py::arg("logits"));
+  xllm_replay::def_kernel(m, "select_rows_out", &select_rows_out, py::arg("table"), py::arg("index"), py::arg("out"));
   xllm_replay::def_kernel(m, "paged_decode_out", &paged_decode_out, py::arg("query"), py::arg("key"), py::arg("value"),
                           py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("query_lens"), py::arg("seq_lens"),
                           py::arg("block_tables"), py::arg("scale"), py::arg("sliding_window"), py::arg("out"),
