@@ -16,7 +16,9 @@ The capture is the first step itself, run node by node. Each call_function node 
 
 The recorded calls then become a native ``ReplayProgram`` (ops/cpu_replay.cpp) where the kernels are
 built: a step is one call from Python, which runs our kernels directly, ATen ops through the dispatcher
-and only what is neither (a Python function) through Python. Its arguments were converted once; from the
+(or, where NATIVE_OPS has a kernel that does the same work on the call's arguments, that kernel) and only
+what is neither (a Python function) through Python. The graph's outputs are the items of its output tuple,
+those the program recomputes taken from its run. Its arguments were converted once; from the
 Python loop each call cost about 1.5 us before its kernel began. A graph the program cannot take (a
 register nested deeper than a list's items, or inside a list given to a Python function) replays from
 the Python loop, as it does without the kernels.
@@ -95,7 +97,7 @@ class CpuGraphRunner:
         self._native = native
         self._registers: list[Any] = []
         self._outputs: Any = None
-        self._output_registers: list[int] = []
+        self._output_positions: list[int] = []  # the program's outputs: the items of the graph's output tuple
         self.recordable = all(node.op in RECORDABLE for node in module.graph.nodes)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -104,11 +106,12 @@ class CpuGraphRunner:
         if self.inputs is None:
             return self._capture(args)
         self.inputs.copy_in(args)
-        registers = self._registers
         if self.program is not None:
-            for index, value in zip(self._output_registers, self.program.run(), strict=True):
-                registers[index] = value
-            return _fill(self._outputs, registers)
+            outputs = list(self._outputs)  # the KV cache layers among them, as they are
+            for position, value in zip(self._output_positions, self.program.run(), strict=True):
+                outputs[position] = value
+            return tuple(outputs)
+        registers = self._registers
         for target, call_args, call_kwargs, register, reads_registers in self.calls:
             if reads_registers:
                 call_args, call_kwargs = _fill(call_args, registers), _fill(call_kwargs, registers)
@@ -134,16 +137,17 @@ class CpuGraphRunner:
                 else:
                     self._outputs = fx.node.map_arg(node.args[0], values.__getitem__)
         self.inputs = inputs
-        self._output_registers = sorted({r.index for r in _registers_in(self._outputs)})
         if self._native:
             self.program = self._native_program()
         return _fill(self._outputs, self._registers)
 
     def _native_program(self) -> Any:
-        """The recorded calls as a native ReplayProgram, or None where the kernels are not built or a call
-        reads a register the program cannot place (see the module docstring)."""
+        """The recorded calls as a native ReplayProgram, or None where the kernels are not built, a call reads a
+        register the program cannot place (see the module docstring) or one is nested in the graph's outputs."""
         native = native_kernels()
-        if native is None:
+        outputs = self._outputs if isinstance(self._outputs, (tuple, list)) else ()
+        self._output_positions = [i for i, value in enumerate(outputs) if isinstance(value, Register)]
+        if native is None or len(self._output_positions) != len(_registers_in(self._outputs)):
             return None
         program, kernels = native.ReplayProgram(), frozenset(native.replay_kernels())
         for call in self.calls:
@@ -151,7 +155,7 @@ class CpuGraphRunner:
                 return None
         for index, value in enumerate(self._registers):
             program.set_register(index, value)
-        program.set_outputs(self._output_registers)
+        program.set_outputs([outputs[i].index for i in self._output_positions])
         return program
 
     def _record(self, node: fx.Node, values: dict[fx.Node, Any]) -> Any:
