@@ -6,13 +6,17 @@
 Without --model-dir it compiles a random ~100M-parameter Llama (tools/random_checkpoint.py). A decode
 step runs B sequences one token each after a 32-token prompt; a prefill step runs one T-token prompt.
 
-Three timings, the first two without the profiler (it slows small ops down):
-  step   the runtime's whole step: input building, the bucket graph, logits to float.
-  graph  the bucket graph call alone.
-  ops    torch.profiler over the graph calls: the time in each kind of op. Our fused kernels are
-         labelled by wrapping each call (what the graph calls on CPU is a plain Python function or a
-         C++ kernel, which the profiler cannot see into otherwise); the wrapper's own cost, about a
-         microsecond a call, lands in "Python between ops", which is graph minus everything timed.
+Four timings, the first two without the profiler (it slows small ops down):
+  step     the runtime's whole step: input building, the bucket graph, logits to float.
+  graph    the bucket graph call alone.
+  ops      torch.profiler over the graph calls: the time in each kind of op. Our fused kernels are
+           labelled by wrapping each call (what the graph calls on CPU is a plain Python function or a
+           C++ kernel, which the profiler cannot see into otherwise); the wrapper's own cost, about a
+           microsecond a call, lands in "Python between ops", which is graph minus everything timed.
+  program  where the kernels are built, a second load of the artifact as the runtime runs it (the
+           native replay program, runtime/cpu_replay.py), each of its calls timed by the program itself
+           (ReplayProgram.set_timing): no wrapper or profiler between them, the caches as a real step
+           leaves them. What a decode step's small calls cost after the weights' stream.
 
 The breakdown in docs/performance.md comes from this script.
 """
@@ -39,7 +43,8 @@ from xllm_compiler.runtime.step import Sequence
 
 PROMPT = 32
 GRAPH_LABEL = "xllm.graph"
-GEMM_OPS = {"xllm::packed_linear", "xllm::packed_linear_out", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
+GEMM_OPS = {"xllm::packed_linear", "xllm::packed_linear_out", "xllm::packed_linear_float"}
+GEMM_OPS |= {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul"}
 #: xllm op -> the category its time goes to.
 OP_CATEGORY = {
     "paged_attention": "attention (incl. KV-cache write)",
@@ -70,6 +75,7 @@ def labelled(fn, label: str):
         with record_function(label):
             return fn(*args, **kwargs)
 
+    call.__module__ = __name__  # not the kernel's module: the replay program would call the kernel itself
     return call
 
 
@@ -78,7 +84,7 @@ def label_kernels(model) -> None:
     names = {id(fn): name for name, fn in {**KERNELS, **native_cpu_kernels()}.items()}
     native = native_kernels()
     if native is not None:  # the packed linear layers the CPU platform put in
-        for name in ("packed_linear", "packed_linear_out"):
+        for name in ("packed_linear", "packed_linear_out", "packed_linear_float"):
             names[id(getattr(native, name))] = f"xllm::{name}"
     for graph in model.engine.graphs._graphs.values():
         for node in graph.nodes:
@@ -125,22 +131,48 @@ def median_ms(fn, runs: int) -> float:
 def graph_timer(model) -> list[float]:
     """Record the wall time of every bucket graph call into the returned list; label the calls."""
     times: list[float] = []
-    module = model.engine.graphs.module
+    runner = model.engine.graphs.runner  # what runs a bucket graph (on CPU, its replay: runtime/cpu_replay.py)
 
-    def timed_module(name: str):
-        graph = module(name)
+    def timed_runner(name: str):
+        run = runner(name)
 
         def call(*args):
             start = time.perf_counter()
             with record_function(GRAPH_LABEL):
-                out = graph(*args)
+                out = run(*args)
             times.append(time.perf_counter() - start)
             return out
 
         return call
 
-    model.engine.graphs.module = timed_module
+    model.engine.graphs.runner = timed_runner
     return times
+
+
+def program_profile(artifact: Path, phase: str, batch: int, tokens: int, runs: int) -> tuple[dict, float] | None:
+    """({the graph's call: (calls a step, ms a step)}, the program's ms a step), timed inside the native replay
+    program of the bucket graph a step of ``phase`` runs on; None where the graph has no such program."""
+    model = xllm_compiler.load(artifact)
+    with torch.inference_mode():
+        step = make_step(model, phase, batch, tokens)
+        for _ in range(3):
+            step()
+        num_tokens = batch if phase == "decode" else tokens
+        runner = model.engine.graphs.runner(model.engine.graphs.choose(phase, num_tokens, batch).graph)
+        program = getattr(runner, "program", None)
+        if program is None:
+            return None
+        program.set_timing(True)
+        for _ in range(runs):
+            step()
+        times = program.entry_times()
+        program.set_timing(False)
+    kinds: dict[str, tuple[int, float]] = {}
+    for call, ns in zip(runner.calls, times, strict=True):
+        name = getattr(call.target, "__name__", str(call.target))
+        count, ms = kinds.get(name, (0, 0.0))
+        kinds[name] = (count + 1, ms + ns / 1e6 / runs)
+    return kinds, sum(times) / 1e6 / runs
 
 
 def main() -> None:
@@ -179,7 +211,10 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(runs):
                     step()
+        program = program_profile(artifact, args.phase, batch, args.tokens, runs)
     report(console, args, batch, step_ms, graph_ms, prof, runs)
+    if program is not None:
+        report_program(console, *program)
 
 
 def report(console: Console, args, batch: int, step_ms: float, graph_ms: float, prof, runs: int) -> None:
@@ -204,6 +239,18 @@ def report(console: Console, args, batch: int, step_ms: float, graph_ms: float, 
     console.print(table)
     if args.phase == "decode":
         console.print(f"{batch * 1e3 / step_ms:.1f} tokens/s")
+
+
+def report_program(console: Console, kinds: dict[str, tuple[int, float]], program_ms: float) -> None:
+    table = Table(title="inside the native replay program (a second load, no profiler)")
+    table.add_column("the graph's call")
+    table.add_column("calls", justify="right")
+    table.add_column("ms/step", justify="right")
+    table.add_column("share", justify="right")
+    for name, (count, ms) in sorted(kinds.items(), key=lambda item: -item[1][1]):
+        table.add_row(name, str(count), f"{ms:.3f}", f"{ms / program_ms:.0%}")
+    table.add_row("program", "", f"{program_ms:.3f}", "100%", style="bold")
+    console.print(table)
 
 
 if __name__ == "__main__":

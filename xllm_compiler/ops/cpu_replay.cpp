@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include <chrono>
 #include <optional>
 #include <stdexcept>
 
@@ -129,7 +130,15 @@ class ReplayProgram {
   py::list run() {
     {
       py::gil_scoped_release released;
-      for (auto& entry : entries_) execute(entry);
+      if (entry_ns_.empty()) {
+        for (auto& entry : entries_) execute(entry);
+      } else {
+        for (size_t i = 0; i < entries_.size(); ++i) {
+          const auto start = std::chrono::steady_clock::now();
+          execute(entries_[i]);
+          entry_ns_[i] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+        }
+      }
     }
     py::list values;
     for (const int64_t i : outputs_) values.append(torch::jit::toPyObject(registers_.at(i)));
@@ -137,6 +146,13 @@ class ReplayProgram {
   }
 
   size_t size() const { return entries_.size(); }
+
+  // Timing each entry of every later run (tools/profile_step.py: where a step's time goes inside the
+  // program, the caches as a real step leaves them); off again with false. Off, a run reads no clock.
+  void set_timing(bool on) { entry_ns_.assign(on ? entries_.size() : 0, 0); }
+
+  // Nanoseconds each entry has taken over the runs since set_timing(true), in program order.
+  const std::vector<int64_t>& entry_times() const { return entry_ns_; }
 
  private:
   static py::kwargs as_kwargs(const py::dict& kwargs) { return py::reinterpret_borrow<py::kwargs>(kwargs); }
@@ -221,6 +237,7 @@ class ReplayProgram {
   std::vector<Entry> entries_;
   std::vector<c10::IValue> registers_;
   std::vector<int64_t> outputs_;
+  std::vector<int64_t> entry_ns_;  // per entry, while timing is on; empty when it is off
 };
 
 }  // namespace
@@ -247,5 +264,7 @@ void register_replay(pybind11::module& m) {
       .def("set_register", &ReplayProgram::set_register, py::arg("index"), py::arg("value"))
       .def("set_outputs", &ReplayProgram::set_outputs, py::arg("outputs"))
       .def("run", &ReplayProgram::run)
+      .def("set_timing", &ReplayProgram::set_timing, py::arg("on"))
+      .def("entry_times", &ReplayProgram::entry_times)
       .def("__len__", &ReplayProgram::size);
 }
