@@ -163,6 +163,22 @@ def test_a_native_program_replays_kernels_ops_getitems_and_python_calls():
     assert CALLS.count("fresh_sum") == 3  # through Python, at capture and at each of the 2 replays
 
 
+@needs_native
+def test_a_native_program_times_its_calls_while_asked_to():
+    runner = CpuGraphRunner(mixed_module())
+    runner(torch.randn(2, 8))
+    program = runner.program
+    assert program.entry_times() == []
+    program.set_timing(True)
+    for _ in range(2):
+        runner(torch.randn(2, 8))
+    times = program.entry_times()
+    assert len(times) == len(program) and all(t >= 0 for t in times) and sum(times) > 0
+    program.set_timing(False)
+    runner(torch.randn(2, 8))
+    assert program.entry_times() == []
+
+
 def python_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors)
 
