@@ -50,8 +50,8 @@ def build_step_inputs(
     have no tokens and their logits row points at token 0 (it is dropped).
 
     The int64 inputs are views of one tensor and the int32 ones of another: two tensors made (and, off the
-    CPU, moved) a step instead of seven. At batch 1 this runs right after the weights' stream has evicted
-    the caches, where each tensor made costs 10-20 us.
+    CPU, moved) a step instead of seven. At batch 1 this runs right after the weights have streamed through
+    the caches, where every torch call from Python runs cold (docs/performance.md).
     """
     ids, positions, slots = [], [], []
     query_lens, seq_lens, logits_indices = [], [], []

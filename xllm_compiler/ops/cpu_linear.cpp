@@ -608,8 +608,8 @@ torch::Tensor packed_linear_float(torch::Tensor input, torch::Tensor packed, c10
   const int64_t rows = x.size(0);
   packed_linear_rows<BF16>(x, packed, bias, flat, [&](int64_t b, int64_t valid) {
     for (int64_t m = 0; m < rows; ++m) {
-      const int64_t at = m * out_features + b * kBlock;
-      for (int64_t j = 0; j < valid; ++j) to[at + j] = static_cast<float>(from[at + j]);
+      const int64_t first = m * out_features + b * kBlock;
+      for (int64_t j = first; j < first + valid; ++j) to[j] = static_cast<float>(from[j]);
     }
   });
 #endif
