@@ -63,7 +63,8 @@ def lowered_targets() -> frozenset:
         return frozenset(kernels)
     packed = [native.packed_linear_out, native.packed_linear, native.packed_linear_float]
     packed += [native.packed_embedding_out, native.packed_embedding]
-    packed += [native.int8_linear_out, native.int8_linear, native.int4_linear_out, native.int4_linear]
+    packed += [native.int8_linear_out, native.int8_linear, native.int8_linear_float]
+    packed += [native.int4_linear_out, native.int4_linear, native.int4_linear_float]
     return frozenset([*kernels, *packed, *moe.PACKED_KERNELS.values()])
 
 
@@ -130,7 +131,7 @@ class CpuPlatform(Platform):
                 elif node.target.namespace == "xllm" and node.target.name() in kernels:
                     node.target = kernels[node.target.name()]
                 elif node.target in LINEAR and _is_stored(node.args[1]) and _packed(node.args[1]) in weights:
-                    _use_packed_linear(graph, node, weights[_packed(node.args[1])].dtype)
+                    _use_packed_linear(graph, node)
                 elif node.target in EMBEDDING and _is_stored(node.args[0]) and _only_packed(node.args[0], weights):
                     _use_packed_embedding(graph, node)  # a tied embedding: its table is the packed lm_head
                 elif node.target is aten.embedding.out and _is_token_list(node.args[1]):
@@ -198,9 +199,7 @@ def _is_token_list(indices: object) -> bool:
     return isinstance(meta, dict) and len(meta.get("shape") or ()) == 1
 
 
-def _use_packed_linear(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> None:
-    """The packed kernel for a linear layer on ``dtype`` weights; a bfloat16 one whose only use is a cast to
-    float32 (the LM head's logits) takes the cast into its kernel, packed_linear_float."""
+def _use_packed_linear(graph: fx.Graph, node: fx.Node) -> None:
     native = native_kernels()
     weight = node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -211,12 +210,20 @@ def _use_packed_linear(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> No
     else:
         out_features = weight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain may be gone
         node.target, node.args = native.packed_linear, (node.args[0], packed_node, bias, out_features)
-        cast = next(iter(node.users)) if len(node.users) == 1 else None
-        if dtype == torch.bfloat16 and cast is not None and _is_float32_cast(cast, node):
-            node.target = native.packed_linear_float
-            cast.replace_all_uses_with(node)
-            graph.erase_node(cast)
+        _fold_float32_cast(graph, node, native.packed_linear_float)
     node.kwargs = {}
+
+
+def _fold_float32_cast(graph: fx.Graph, node: fx.Node, kernel: Any) -> None:
+    """Where the bfloat16 result of linear layer ``node`` is only cast to float32 (the LM head's logits), its
+    ``*_float`` kernel takes the cast in: each core widens the outputs it computed (cpu_linear.cpp,
+    widened_by_blocks), bit for bit the cast's values."""
+    cast = next(iter(node.users)) if len(node.users) == 1 else None
+    meta = node.meta.get("xllm_meta") or {}
+    if cast is not None and meta.get("dtype") == "bfloat16" and _is_float32_cast(cast, node):
+        node.target = kernel
+        cast.replace_all_uses_with(node)
+        graph.erase_node(cast)
 
 
 def _is_float32_cast(node: fx.Node, source: fx.Node) -> bool:
@@ -320,6 +327,7 @@ def _use_int4_linear(graph: fx.Graph, node: fx.Node) -> None:
     else:
         out_features = qweight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain is gone
         node.target, node.args = native.int4_linear, (x, *packed, group_size, bias, out_features)
+        _fold_float32_cast(graph, node, native.int4_linear_float)
     node.kwargs = {}
 
 
@@ -334,4 +342,5 @@ def _use_int8_linear(graph: fx.Graph, node: fx.Node) -> None:
     else:
         out_features = qweight.meta["xllm_meta"]["shape"][0]  # as the artifact records it: the plain is gone
         node.target, node.args = native.int8_linear, (x, packed_node, scale, bias, out_features)
+        _fold_float32_cast(graph, node, native.int8_linear_float)
     node.kwargs = {}

@@ -101,6 +101,8 @@ def test_native_kernel_against_its_arithmetic_and_the_composite(shape, rows, dty
     slack = 0 if dtype == torch.float32 else 2**-7 * composite.abs()  # two roundings to bfloat16
     assert bool(((out.float() - composite).abs() <= bound + slack + 1e-4).all())
     assert torch.equal(module.int4_linear(x, *packed, group_size, bias, outputs), out)
+    if dtype == torch.bfloat16:  # the LM head's form, its float32 cast inside: bit for bit the cast's values
+        assert torch.equal(module.int4_linear_float(x, *packed, group_size, bias, outputs), out.float())
 
 
 def test_native_kernel_takes_a_batch_of_3d_rows_and_no_bias():

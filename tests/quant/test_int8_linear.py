@@ -105,6 +105,8 @@ def test_native_kernel_against_its_arithmetic_and_the_composite(dtype, rows, sha
     assert bool(((out.float() - composite).abs() <= bound + slack + 1e-4).all())
     functional = module.int8_linear(x, packed, scale, bias, outputs)
     assert torch.equal(functional, out)
+    if dtype == torch.bfloat16:  # the LM head's form, its float32 cast inside: bit for bit the cast's values
+        assert torch.equal(module.int8_linear_float(x, packed, scale, bias, outputs), out.float())
 
 
 def test_native_kernel_takes_a_batch_of_3d_rows_and_no_bias():

@@ -239,12 +239,20 @@ def test_replay_gives_exactly_the_eager_logits(checkpoints, monkeypatch, archite
 
 
 @needs_native
-def test_bfloat16_lm_head_and_row_selects_run_fused_with_the_same_logits(checkpoints, monkeypatch):
-    """A bfloat16 LM head's cast to float32 runs inside its kernel (packed_linear_float, runtime/platform/cpu.py)
+@pytest.mark.parametrize(
+    ("options", "lm_head"),
+    [
+        ({}, "packed_linear_float"),
+        ({"quantize": "int8"}, "int8_linear_float"),
+        ({"quantize": "int4", "group_size": 32}, "int4_linear_float"),
+    ],
+)
+def test_bfloat16_lm_head_and_row_selects_run_fused_with_the_same_logits(checkpoints, monkeypatch, options, lm_head):
+    """A bfloat16 LM head's cast to float32 runs inside its kernel (the ``*_float`` forms, runtime/platform/cpu.py)
     and index_select.out as select_rows_out (NATIVE_OPS): every step's logits bit for bit as with the ops they
     replace."""
     model_dir, _ = checkpoints.checkpoint("LlamaForCausalLM", dtype="bfloat16")
-    artifact = checkpoints.artifact(model_dir, **SMALL_BUCKETS)
+    artifact = checkpoints.artifact(model_dir, **options, **SMALL_BUCKETS)
     fused = xllm_compiler.load(artifact)
     sets = prompt_sets(fused.vocab_size)
     tokens, logits = run_recording(fused, sets)
@@ -252,7 +260,7 @@ def test_bfloat16_lm_head_and_row_selects_run_fused_with_the_same_logits(checkpo
     runners = list(fused.engine.graphs._runners.values())
     for runner in runners:
         targets = [node.target for node in runner.module.graph.nodes if node.op == "call_function"]
-        assert native_kernels().packed_linear_float in targets and aten.to.dtype not in targets
+        assert getattr(native_kernels(), lm_head) in targets and aten.to.dtype not in targets
         selects = [call for call in runner.calls if call.target is aten.index_select.out]
         assert selects and all(cpu_replay._native_op(c, [], c.args, c.kwargs, kernels) for c in selects)
     monkeypatch.setattr(cpu_platform, "_is_float32_cast", lambda node, source: False)

@@ -336,6 +336,15 @@ torch::Tensor int4_linear(torch::Tensor input, torch::Tensor packed, torch::Tens
   return int4_linear_out(input, packed, scale, offset, group_size, bias, at::empty(sizes, input.options()));
 }
 
+torch::Tensor widened_by_blocks(const torch::Tensor& rounded, int64_t blocks);  // cpu_linear.cpp
+
+// ``int4_linear(...).float()`` for bfloat16 input: the LM head's logits (see widened_by_blocks).
+torch::Tensor int4_linear_float(torch::Tensor input, torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
+                                int64_t group_size, c10::optional<torch::Tensor> bias, int64_t out_features) {
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16, "int4_linear_float takes bfloat16 input");
+  return widened_by_blocks(int4_linear(input, packed, scale, offset, group_size, bias, out_features), packed.size(0));
+}
+
 void register_int4(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int4_linear_dtypes", &int4_linear_dtypes);
@@ -345,4 +354,7 @@ void register_int4(pybind11::module& m) {
                           py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out"));
   xllm_replay::def_kernel(m, "int4_linear", &int4_linear, py::arg("input"), py::arg("packed"), py::arg("scale"),
                           py::arg("offset"), py::arg("group_size"), py::arg("bias"), py::arg("out_features"));
+  xllm_replay::def_kernel(m, "int4_linear_float", &int4_linear_float, py::arg("input"), py::arg("packed"),
+                          py::arg("scale"), py::arg("offset"), py::arg("group_size"), py::arg("bias"),
+                          py::arg("out_features"));
 }

@@ -401,11 +401,9 @@ void block_rows_any(const typename L::T* x, int64_t rows, int64_t x_stride, cons
 
 #if defined(XLLM_LINEAR_F32)
 
-// ``after_block(b, valid)`` runs in the thread that wrote block b's outputs, right after it: packed_linear_float
-// widens them there, while they are in that core's L1.
-template <typename L, typename AfterBlock>
+template <typename L>
 void packed_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                        torch::Tensor& out, const AfterBlock& after_block) {
+                        torch::Tensor& out) {
   using T = typename L::T;
   const int64_t rows = x.size(0), k_size = x.size(1), x_stride = x.stride(0), outputs = out.size(1);
   const T* xp = x.data_ptr<T>();
@@ -418,15 +416,8 @@ void packed_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, con
       const int64_t valid = std::min<int64_t>(kBlock, outputs - b * kBlock);
       block_rows_any<L>(xp, rows, x_stride, wp + b * block_elements, k_size, bp ? bp + b * kBlock : nullptr,
                         op + b * kBlock, outputs, valid);
-      after_block(b, valid);
     }
   });
-}
-
-template <typename L>
-void packed_linear_rows(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                        torch::Tensor& out) {
-  packed_linear_rows<L>(x, packed, bias, out, [](int64_t, int64_t) {});
 }
 
 #endif  // XLLM_LINEAR_F32
@@ -552,9 +543,9 @@ torch::Tensor packed_embedding(torch::Tensor packed, torch::Tensor indices, int6
   return packed_embedding_out(packed, indices, rows, at::empty(sizes, packed.options()));
 }
 
-// The input as [rows, K] with unit stride along K, its shapes checked against the packed weight and ``out``.
-torch::Tensor checked_rows(const torch::Tensor& input, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                           const torch::Tensor& out) {
+// aten.linear.out's contract on a packed weight: out [..., N] = input [..., K] @ weight.T + bias.
+torch::Tensor packed_linear_out(torch::Tensor input, torch::Tensor packed, c10::optional<torch::Tensor> bias,
+                                torch::Tensor out) {
   auto x = input.reshape({-1, input.size(-1)});
   if (x.stride(-1) != 1) x = x.contiguous();
   const auto dtype = x.scalar_type();
@@ -564,14 +555,6 @@ torch::Tensor checked_rows(const torch::Tensor& input, const torch::Tensor& pack
               "packed_linear: weight does not match the input and output");
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == dtype && bias->numel() == out.size(-1)),
               "packed_linear: bias");
-  return x;
-}
-
-// aten.linear.out's contract on a packed weight: out [..., N] = input [..., K] @ weight.T + bias.
-torch::Tensor packed_linear_out(torch::Tensor input, torch::Tensor packed, c10::optional<torch::Tensor> bias,
-                                torch::Tensor out) {
-  const auto x = checked_rows(input, packed, bias, out);
-  const auto dtype = x.scalar_type();
   auto flat = out.view({x.size(0), out.size(-1)});
 #if defined(XLLM_LINEAR_F32)
   if (dtype == at::kFloat) packed_linear_rows<F32>(x, packed, bias, flat);
@@ -589,31 +572,31 @@ torch::Tensor packed_linear(torch::Tensor input, torch::Tensor packed, c10::opti
   return packed_linear_out(input, packed, bias, at::empty(sizes, input.options()));
 }
 
-// ``linear(input, weight, bias).float()`` of bfloat16 input and weight, in one call: the LM head's logits, which
-// the model returns as float32 (models/decoder.py). Each block's outputs are rounded to bfloat16 as
-// packed_linear rounds them, then widened, so the logits are bit for bit the separate cast's, without the cast's
-// pass over the logits after the weights' stream has evicted them (~80 us of a batch-1 step on Zen 4).
+// A linear layer's bfloat16 outputs [..., N] as float32: the LM head's ``.float()`` (models/decoder.py), in the
+// kernels that take it in (packed_linear_float here, int8_linear_float, int4_linear_float). Each 64-output
+// block is widened by the thread that computed it: the kernels run their blocks as one parallel loop over
+// [0, blocks), and at::parallel_for cuts the same range the same way, so every core widens what it wrote, from
+// its own caches. A separate cast reads all the logits on one core after the weights' stream has evicted its
+// code and data (77-82 us of a bfloat16 batch-1 step on Zen 4). The values are the cast's, bit for bit.
+torch::Tensor widened_by_blocks(const torch::Tensor& rounded, int64_t blocks) {
+  TORCH_CHECK(rounded.scalar_type() == at::kBFloat16 && rounded.is_contiguous(), "widened_by_blocks: bfloat16 rows");
+  auto out = at::empty(rounded.sizes(), rounded.options().dtype(at::kFloat));
+  const int64_t width = rounded.size(-1), rows = rounded.numel() / std::max<int64_t>(width, 1);
+  const at::BFloat16* from = rounded.data_ptr<at::BFloat16>();
+  float* to = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t low = begin * kBlock, high = std::min(width, end * kBlock);
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t j = m * width + low; j < m * width + high; ++j) to[j] = static_cast<float>(from[j]);
+  });
+  return out;
+}
+
+// ``packed_linear(...).float()`` for bfloat16 input and weight (see widened_by_blocks).
 torch::Tensor packed_linear_float(torch::Tensor input, torch::Tensor packed, c10::optional<torch::Tensor> bias,
                                   int64_t out_features) {
   TORCH_CHECK(input.scalar_type() == at::kBFloat16, "packed_linear_float takes bfloat16 input");
-  auto sizes = input.sizes().vec();
-  sizes.back() = out_features;
-  auto rounded = at::empty(sizes, input.options());
-  auto out = at::empty(sizes, input.options().dtype(at::kFloat));
-  const auto x = checked_rows(input, packed, bias, rounded);
-#if defined(XLLM_LINEAR_BF16)
-  auto flat = rounded.view({x.size(0), out_features});
-  const at::BFloat16* from = rounded.data_ptr<at::BFloat16>();
-  float* to = out.data_ptr<float>();
-  const int64_t rows = x.size(0);
-  packed_linear_rows<BF16>(x, packed, bias, flat, [&](int64_t b, int64_t valid) {
-    for (int64_t m = 0; m < rows; ++m) {
-      const int64_t first = m * out_features + b * kBlock;
-      for (int64_t j = first; j < first + valid; ++j) to[j] = static_cast<float>(from[j]);
-    }
-  });
-#endif
-  return out;
+  return widened_by_blocks(packed_linear(input, packed, bias, out_features), packed.size(0));
 }
 
 // ---- Mixture-of-experts: the routed experts on packed weights ------------------------------------------------

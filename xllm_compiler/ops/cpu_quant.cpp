@@ -326,6 +326,15 @@ torch::Tensor int8_linear(torch::Tensor input, torch::Tensor packed, torch::Tens
   return int8_linear_out(input, packed, scale, bias, at::empty(sizes, input.options()));
 }
 
+torch::Tensor widened_by_blocks(const torch::Tensor& rounded, int64_t blocks);  // cpu_linear.cpp
+
+// ``int8_linear(...).float()`` for bfloat16 input: the LM head's logits (see widened_by_blocks).
+torch::Tensor int8_linear_float(torch::Tensor input, torch::Tensor packed, torch::Tensor scale,
+                                c10::optional<torch::Tensor> bias, int64_t out_features) {
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16, "int8_linear_float takes bfloat16 input");
+  return widened_by_blocks(int8_linear(input, packed, scale, bias, out_features), packed.size(0));
+}
+
 void register_quant(pybind11::module& m) {
   namespace py = pybind11;
   m.def("int8_linear_dtypes", &int8_linear_dtypes);
@@ -334,4 +343,6 @@ void register_quant(pybind11::module& m) {
                           py::arg("bias"), py::arg("out"));
   xllm_replay::def_kernel(m, "int8_linear", &int8_linear, py::arg("input"), py::arg("packed"), py::arg("scale"),
                           py::arg("bias"), py::arg("out_features"));
+  xllm_replay::def_kernel(m, "int8_linear_float", &int8_linear_float, py::arg("input"), py::arg("packed"),
+                          py::arg("scale"), py::arg("bias"), py::arg("out_features"));
 }
